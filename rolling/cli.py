@@ -1,0 +1,83 @@
+"""Command line: ``python -m rolling {demo,verify-trace,convert,bench}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_demo(a) -> int:
+    from .demo import run_demo
+    run_demo(a.out, a.seconds, seed=a.seed, update_mode=a.mode)
+    return 0
+
+
+def _cmd_verify(a) -> int:
+    from .trace import load_trace, replay_calls
+    tr = load_trace(a.dir)
+    res = replay_calls(tr, rope_mode=a.rope)
+    n_up = sum(1 for c in tr.calls if c["updating_cache"])
+    print(f"{a.dir}: {res['calls']} calls ({res['calls'] - n_up} denoising, {n_up} cache updates), "
+          f"{tr.config.num_layers} layers, {tr.config.num_heads} heads, dim {tr.config.dim}")
+    print(f"worst |v - v_ref|  over all calls:       {res['v']:.3e}")
+    print(f"worst |x0 - x0_ref| over denoising calls: {res['x0']:.3e}")
+    ok = res["v"] <= a.tol and res["x0"] <= a.tol
+    print(("PASS" if ok else "FAIL") + f" (tolerance {a.tol:g})")
+    return 0 if ok else 1
+
+
+def _cmd_convert(a) -> int:
+    from .loading import convert
+    info = convert(a.src, a.dst, weights=a.weights, dtype=a.dtype)
+    print(f"wrote {a.dst}: {info['tensors']} tensors, config {json.dumps(info['config'])}")
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from .bench import run_bench
+    run_bench(a)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rolling", description="Rolling Forcing sampler core")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="tiny random model on CPU, no downloads: stream a video to MP4")
+    d.add_argument("--out", default="rolling_demo.mp4", help="output .mp4 path")
+    d.add_argument("--seconds", type=float, default=10.0, help="video length in seconds at 16 fps")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--mode", choices=("reference", "fused"), default="reference", help="cache update mode")
+    d.set_defaults(fn=_cmd_demo)
+
+    v = sub.add_parser("verify-trace", help="replay a golden trace directory; exit 1 above tolerance")
+    v.add_argument("dir")
+    v.add_argument("--tol", type=float, default=1e-4)
+    v.add_argument("--rope", choices=("reference", "relative"), default="reference")
+    v.set_defaults(fn=_cmd_verify)
+
+    c = sub.add_parser("convert", help="release .pt -> clean .safetensors (bare Wan2.1 keys)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--weights", choices=("ema", "regular"), default="ema")
+    c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast (default: keep)")
+    c.set_defaults(fn=_cmd_convert)
+
+    b = sub.add_parser("bench", help="forwards, tokens, FLOPs, host syncs, memory and timing per block")
+    b.add_argument("--config", default="tiny", help="model preset: tiny, 1.3B, 14B")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--blocks", type=int, default=12)
+    b.add_argument("--mode", choices=("reference", "fused"), default="reference")
+    b.add_argument("--attention", default="sdpa")
+    b.add_argument("--rope", choices=("reference", "relative"), default="reference")
+    b.add_argument("--height", type=int, default=None, help="latent height (default: 60 for 1.3B/14B, 16 tiny)")
+    b.add_argument("--width", type=int, default=None, help="latent width (default: 104 for 1.3B/14B, 24 tiny)")
+    b.add_argument("--json", default=None, help="write results to this JSON file")
+    b.set_defaults(fn=_cmd_bench)
+
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

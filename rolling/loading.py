@@ -1,0 +1,172 @@
+"""Checkpoint loading: the release's ``.pt`` (``generator_ema`` / ``generator``) and ``.safetensors``.
+
+Only ``torch.load(weights_only=True)`` is used (no arbitrary pickles). Tensors are converted one by
+one in place, so no second full copy of the weights is made; with ``mmap`` the file is not read
+into memory twice either.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import MutableMapping
+
+import torch
+
+from .config import WanConfig
+from .model import WanModel
+
+ACCEPTED = ".pt, .pth (a Rolling Forcing / Self-Forcing release checkpoint or a plain state dict) or .safetensors"
+STRIP_INFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable Wan2.1 T2V checkpoint; the message says why and what is accepted."""
+
+
+def read_raw(path: str) -> MutableMapping:
+    """Read a checkpoint file into a (possibly nested) dict of tensors, safely."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); accepted: {ACCEPTED}") from None
+    if ext not in (".pt", ".pth", ".ckpt", ".bin"):
+        raise CheckpointError(f"unsupported checkpoint type {ext or '(none)'!r} for {path}; accepted: {ACCEPTED}")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} could not be loaded as a weights-only torch checkpoint ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0][:200]}); accepted: {ACCEPTED}") from None
+
+
+def extract_state_dict(raw: MutableMapping, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """Pick the generator weights and strip wrapper names.
+
+    ``weights="ema"`` takes ``generator_ema`` (falling back to ``generator``), ``"regular"`` takes
+    ``generator``. Plain state dicts (optionally under ``model`` / ``state_dict``) are accepted too.
+    Returns keys as in the Wan2.1 release (``blocks.0.self_attn.q.weight``...).
+    """
+    if weights not in ("ema", "regular"):
+        raise ValueError(f"weights must be 'ema' or 'regular', got {weights!r}")
+    if not isinstance(raw, MutableMapping):
+        raise CheckpointError(f"checkpoint holds a {type(raw).__name__}, not a state dict; accepted: {ACCEPTED}")
+    order = ("generator_ema", "generator") if weights == "ema" else ("generator",)
+    sd = None
+    for key in order + ("model", "state_dict", "module"):
+        if isinstance(raw.get(key), MutableMapping):
+            sd = raw[key]
+            break
+    if weights == "regular" and sd is not None and "generator" not in raw and "generator_ema" in raw:
+        raise CheckpointError("weights='regular' asked for, but the checkpoint has only 'generator_ema'; use weights='ema'")
+    if sd is None:
+        sd = raw
+    out: dict[str, torch.Tensor] = {}
+    for k in list(sd.keys()):
+        v = sd.pop(k) if hasattr(sd, "pop") else sd[k]
+        if not isinstance(v, torch.Tensor):
+            continue
+        for inf in STRIP_INFIXES:
+            k = k.replace(inf, "")
+        for p in STRIP_PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    if not out:
+        raise CheckpointError(f"no tensors found in the checkpoint; accepted: {ACCEPTED}")
+    return out
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> WanConfig:
+    """Infer the Wan2.1 T2V config from weight shapes. Raises CheckpointError for non-Wan or I2V files."""
+    if "head.modulation" not in sd or "patch_embedding.weight" not in sd:
+        sample = ", ".join(list(sd)[:3])
+        raise CheckpointError(f"not a Wan2.1 DiT checkpoint (no head.modulation / patch_embedding.weight; "
+                              f"first keys: {sample}); accepted: {ACCEPTED}")
+    if any(k.startswith("img_emb.") or ".k_img." in k for k in sd):
+        raise CheckpointError("this is an image-to-video (I2V) Wan checkpoint; Rolling Forcing needs a "
+                              "text-to-video (T2V) Wan2.1 model")
+    if any(k.startswith("vace_") for k in sd):
+        raise CheckpointError("this is a VACE Wan checkpoint; Rolling Forcing needs a plain text-to-video Wan2.1 model")
+    pe = sd["patch_embedding.weight"]
+    dim = pe.shape[0]
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    cfg = WanConfig(
+        dim=dim, in_dim=pe.shape[1], patch_size=tuple(pe.shape[2:]),
+        ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_layers=layers,
+        num_heads=num_heads or max(1, dim // 128),
+        freq_dim=sd["time_embedding.0.weight"].shape[1], text_dim=sd["text_embedding.0.weight"].shape[1],
+        out_dim=sd["head.head.weight"].shape[0] // (pe.shape[2] * pe.shape[3] * pe.shape[4]),
+        cross_attn_norm="blocks.0.norm3.weight" in sd, qk_norm="blocks.0.self_attn.norm_q.weight" in sd)
+    return cfg
+
+
+def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating tensors in place (entry by entry: the old tensor is dropped as soon as replaced)."""
+    if dtype is not None:
+        for k in list(sd):
+            if sd[k].is_floating_point() and sd[k].dtype != dtype:
+                sd[k] = sd[k].to(dtype)
+    return sd
+
+
+def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError listing missing / unexpected keys and shape mismatches."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+              for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        def fmt(xs):
+            return ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {fmt(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {fmt(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches: {fmt(shapes)}")
+        raise CheckpointError("checkpoint does not match the Wan2.1 model: " + "; ".join(parts))
+
+
+def load_model(path: str, *, weights: str = "ema", dtype: str | torch.dtype = "bf16", device="cpu",
+               num_heads: int | None = None) -> WanModel:
+    """Load a checkpoint into :class:`WanModel` (config inferred from shapes). No second weight copy."""
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    sd = cast_state_dict(extract_state_dict(read_raw(path), weights), dt)
+    cfg = config_from_state_dict(sd, num_heads)
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    check_keys(model, sd)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def convert(src: str, dst: str, *, weights: str = "ema", dtype: str | None = None) -> dict:
+    """Write a clean ``.safetensors`` (bare Wan2.1 key names, loadable by ComfyUI's Load Diffusion Model)."""
+    from safetensors.torch import save_file
+    if not dst.endswith(".safetensors"):
+        raise ValueError(f"output must be a .safetensors file, got {dst}")
+    sd = extract_state_dict(read_raw(src), weights)
+    cfg = config_from_state_dict(sd)
+    with torch.device("meta"):
+        check_keys(WanModel(cfg), sd)
+    cast_state_dict(sd, DTYPES[dtype] if dtype else None)
+    save_file({k: v.contiguous() for k, v in sd.items()}, dst, metadata={"format": "pt", "source": "rolling-forcing convert"})
+    return {"tensors": len(sd), "config": cfg.to_dict()}
