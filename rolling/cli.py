@@ -1,4 +1,4 @@
-"""Command line: ``python -m rolling {demo,verify-trace,convert,bench}``."""
+"""Command line: ``python -m rolling {demo,verify-trace,convert,bench,train}``."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,11 @@ def _cmd_bench(a) -> int:
     return 0
 
 
+def _cmd_train(a) -> int:
+    from .train import main as train_main
+    return train_main(a.config, dry_run=a.dry_run, gpus=a.gpus)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rolling", description="Rolling Forcing sampler core")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -74,6 +79,12 @@ def main(argv=None) -> int:
     b.add_argument("--width", type=int, default=None, help="latent width (default: 104 for 1.3B/14B, 24 tiny)")
     b.add_argument("--json", default=None, help="write results to this JSON file")
     b.set_defaults(fn=_cmd_bench)
+
+    t = sub.add_parser("train", help="DMD training (torchrun for several GPUs); --dry-run prints the memory/compute plan")
+    t.add_argument("config", metavar="CONFIG", help="training config (.json or .toml of TrainConfig fields)")
+    t.add_argument("--dry-run", action="store_true", help="print the per-rank memory and FLOP plan; allocate nothing")
+    t.add_argument("--gpus", type=int, default=None, help="GPUs for --dry-run (default: the config's num_gpus)")
+    t.set_defaults(fn=_cmd_train)
 
     a = p.parse_args(argv)
     try:

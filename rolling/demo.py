@@ -18,7 +18,7 @@ from .schedule import blocks_for_seconds, pixel_frames
 DEMO_MODEL = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32)
 
 
-def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=(24, 40), seed: int = 0,
+def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=(16, 28), seed: int = 0,
              update_mode: str = "reference", device: str = "cpu", quiet: bool = False) -> dict:
     """Generate ``seconds`` of video with a tiny random model and write it to ``out`` as it streams."""
     from .video import StreamingVideoWriter

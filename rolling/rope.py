@@ -23,6 +23,7 @@ class Rope:
         self.omegas = tuple(
             [1.0 / theta ** (2 * j / (2 * n)) for j in range(n)] for n in self.split)
         self._spatial: dict = {}
+        self._memo: dict = {}  # small LRU of full tables (relative positions repeat every window)
 
     def axis_table(self, axis: int, positions: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [len(positions), pairs of this axis] in float32, angles computed in float64."""
@@ -42,6 +43,16 @@ class Rope:
 
     def tables(self, frame_positions: Sequence[float], hp: int, wp: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cos, sin of shape [F*hp*wp, 1, pairs] (tokens frame-major, then row, then column)."""
+        key = (tuple(frame_positions), hp, wp, str(device))
+        hit = self._memo.pop(key, None)
+        if hit is None:
+            hit = self._tables(key[0], hp, wp, device)
+            if len(self._memo) >= 16:
+                self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = hit
+        return hit
+
+    def _tables(self, frame_positions, hp, wp, device):
         f = len(frame_positions)
         ct, st = (t.to(device, non_blocking=True) for t in self.axis_table(0, frame_positions))
         ch, sh, cw, sw = self._spatial_tables(hp, wp, device)

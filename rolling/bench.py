@@ -1,0 +1,148 @@
+"""``python -m rolling bench``: forwards, query tokens and FLOPs per block, host syncs per window,
+peak memory, per-block latency and fps, for the reference and fused modes.
+
+Counting (forwards, tokens, FLOPs, syncs, aten ops) runs the same sampler on the ``meta`` device, so
+it is exact for any model size without memory or compute. Timing runs on ``--device`` (skipped for
+``meta``). A "steady" window is the work between two yielded blocks once the cache is full.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import RollingConfig, WanConfig
+from .model import build_model
+from .probes import OpProbe
+from .sampler import RollingSampler
+from .schedule import pixel_frames
+
+SIZES = {"tiny": (16, 24), "1.3B": (60, 104), "14B": (60, 104)}
+DTYPES = {"cpu": torch.float32, "meta": torch.bfloat16, "cuda": torch.bfloat16}
+
+
+class MetaNoise:
+    def __call__(self, block, step, shape, device, dtype):
+        return torch.empty(shape, device=device, dtype=dtype).normal_() if torch.device(device).type != "meta" \
+            else torch.empty(shape, device=device, dtype=dtype)
+
+
+def _context(text_dim: int, device, dtype):
+    ctx = torch.zeros(1, 512, text_dim, device=device, dtype=dtype)
+    if torch.device(device).type != "meta":
+        ctx[:, :8] = torch.randn(1, 8, text_dim, device=device, dtype=dtype, generator=None)
+    return ctx
+
+
+def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: int = 9) -> dict:
+    """Exact counts on the meta device. Steady window = the work producing block ``steady_block``."""
+    wc = WanConfig.preset(cfg_name)
+    model = build_model(wc, device="meta", dtype=torch.bfloat16)
+    calls = []
+    s = RollingSampler(model, rc, height=hw[0], width=hw[1], device="meta", dtype=torch.bfloat16,
+                       noise=MetaNoise(), on_call=calls.append)
+    probe = OpProbe("meta")
+    flops = FlopCounterMode(display=False)
+    per_block = []
+    steady = {}
+    it = s.stream(_context(wc.text_dim, "meta", torch.bfloat16), blocks)
+    total_syncs = 0
+    with probe:
+        while True:
+            probe.reset()
+            f0, c0 = s.forwards, len(calls)
+            with FlopCounterMode(display=False) as fc:
+                try:
+                    blk = next(it)
+                except StopIteration:
+                    total_syncs += probe.num_syncs
+                    break
+            total_syncs += probe.num_syncs
+            per_block.append(blk.index)
+            if blk.index == steady_block:
+                steady = {"flops": fc.get_total_flops(), "syncs": probe.num_syncs, "ops": probe.ops,
+                          "f64": sum(probe.f64.values()), "forwards": s.forwards - f0, "sync_ops": dict(probe.syncs),
+                          "frames": sum(c.num_frames for c in calls[c0:])}
+    tpf = (hw[0] // 2) * (hw[1] // 2)
+    fwd_frames = sum(c.num_frames for c in calls)
+    return {"forwards_per_block": s.forwards / blocks, "query_tokens_per_block": fwd_frames * tpf / blocks,
+            "steady_forwards_per_block": steady["forwards"],
+            "steady_query_tokens_per_block": steady["frames"] * tpf,
+            "flops_per_block": steady["flops"], "flops_per_frame": steady["flops"] / 12,
+            "host_syncs_per_window": steady["syncs"], "host_syncs_total": total_syncs,
+            "aten_ops_per_window": steady["ops"], "float64_tensors_per_window": steady["f64"],
+            "count_blocks": blocks}
+
+
+def time_run(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, attention: str) -> dict:
+    dev = torch.device(device)
+    dtype = DTYPES.get(dev.type, torch.bfloat16)
+    wc = WanConfig.preset(cfg_name)
+    model = build_model(wc, device=dev, dtype=dtype, seed=0)
+    s = RollingSampler(model, rc, height=hw[0], width=hw[1], device=dev, dtype=dtype, attention=attention, seed=0)
+    ctx = _context(wc.text_dim, dev, dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    t0 = time.perf_counter()
+    last = t0
+    finite = True
+    for blk in s.stream(ctx, blocks):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        finite = finite and bool(torch.isfinite(blk.latents).all())
+    total = last - t0
+    steady = times[1:] or times
+    med = statistics.median(steady)
+    p99 = sorted(steady)[min(len(steady) - 1, int(round(0.99 * (len(steady) - 1))))]
+    out = {"first_block_ms": times[0] * 1e3, "block_ms_median": med * 1e3, "block_ms_p99": p99 * 1e3,
+           "fps": 4 * rc.frames_per_block / med, "fps_overall": pixel_frames(blocks * rc.frames_per_block) / total,
+           "timed_blocks": blocks, "finite": finite}
+    if dev.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_bytes_kind"] = "torch.cuda.max_memory_allocated"
+        out["device_name"] = torch.cuda.get_device_name(dev)
+        out["kv_cache_bytes"] = s.cache.nbytes
+    else:
+        out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["peak_bytes_kind"] = "process peak RSS"
+        out["device_name"] = platform.processor() or platform.machine()
+        out["kv_cache_bytes"] = s.cache.nbytes
+    return out
+
+
+def run_bench(a) -> dict:
+    if a.config not in SIZES:
+        raise ValueError(f"--config must be one of {sorted(SIZES)}, got {a.config!r}")
+    if a.blocks < 2:
+        raise ValueError(f"--blocks must be at least 2 (first block + steady state), got {a.blocks}")
+    hw = (a.height or SIZES[a.config][0], a.width or SIZES[a.config][1])
+    rc = RollingConfig(update_mode=a.mode, rope_mode=a.rope)
+    res = {"config": a.config, "mode": a.mode, "rope": a.rope, "device": a.device, "latent_hw": list(hw),
+           "attention": a.attention, "blocks": a.blocks, "torch": torch.__version__,
+           "command": "python -m rolling bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])}
+    res.update(count(a.config, rc, hw))
+    if torch.device(a.device).type != "meta":
+        res.update(time_run(a.config, rc, hw, a.device, a.blocks, a.attention))
+    keys = ["forwards_per_block", "steady_forwards_per_block", "query_tokens_per_block",
+            "steady_query_tokens_per_block", "flops_per_frame", "host_syncs_per_window",
+            "peak_bytes", "block_ms_median", "block_ms_p99", "first_block_ms", "fps"]
+    for k in keys:
+        if k in res:
+            v = res[k]
+            print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+        print(f"wrote {a.json}")
+    return res
