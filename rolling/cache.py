@@ -40,6 +40,7 @@ class KeySource:
     f0: int
     f1: int
     pos: int
+    sink: bool = False
 
     @property
     def frames(self) -> int:
@@ -107,31 +108,68 @@ class RollingKVCache:
     def reset(self) -> None:
         """Forget all blocks (the buffers are reused; nothing is reallocated)."""
         self.slot_block = [-1] * self.cfg.ring_blocks
+        self.sink_ids = list(range(self.cfg.sink_blocks))  # block held (or to be held) by each sink slot
         self.sink_written = [False] * self.cfg.sink_blocks
+        self.sink_pending: list[int] = []  # re-anchor targets: these blocks go to the sink when written
         self.latest = -1  # newest block written
+
+    def reanchor(self, first_block: int) -> None:
+        """Scene change: blocks ``first_block ..`` (sink_blocks of them) replace the sink when written;
+        older ring blocks are dropped then. Until that write the current sink stays in use."""
+        self.sink_pending = list(range(first_block, first_block + self.cfg.sink_blocks))
+
+    def state_dict(self) -> dict:
+        """Full cache state (tensors are the live buffers: clone before mutating the cache further)."""
+        return {"sink_k": self.sink_k, "sink_v": self.sink_v, "ring_k": self.ring_k, "ring_v": self.ring_v,
+                "slot_block": list(self.slot_block), "sink_ids": list(self.sink_ids),
+                "sink_written": list(self.sink_written), "sink_pending": list(self.sink_pending),
+                "latest": self.latest}
+
+    def load_state_dict(self, st: dict) -> None:
+        for k in ("sink_k", "sink_v", "ring_k", "ring_v"):
+            getattr(self, k).copy_(st[k])
+        self.slot_block, self.sink_ids = list(st["slot_block"]), list(st["sink_ids"])
+        self.sink_written, self.sink_pending = list(st["sink_written"]), list(st["sink_pending"])
+        self.latest = int(st["latest"])
+
+    def cached_blocks(self) -> list[int]:
+        """Blocks whose K/V are in the cache (sink first, then the ring, oldest first)."""
+        sink = [b for b, w in zip(self.sink_ids, self.sink_written) if w]
+        return sink + sorted(b for b in self.slot_block if b >= 0 and b not in sink)
+
+    def _sink_slot(self, b: int) -> int | None:
+        for i, (sb, w) in enumerate(zip(self.sink_ids, self.sink_written)):
+            if w and sb == b:
+                return i
+        return None
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.scratch_k, self.scratch_v))
 
-    def _in_cache(self, b: int) -> bool:
-        if b < self.cfg.sink_blocks:
-            return self.sink_written[b]
-        return self.slot_block[(b - self.cfg.sink_blocks) % self.cfg.ring_blocks] == b
+    def _ring_slot(self, b: int) -> int:
+        return (b - self.cfg.sink_blocks) % self.cfg.ring_blocks
+
+    def _in_ring(self, b: int) -> bool:
+        return b >= 0 and self.slot_block[self._ring_slot(b)] == b
 
     def _ring_after_write(self, newest: int) -> list[int]:
         """Non-sink blocks in the ring once ``newest`` has been written (oldest first)."""
         lo = max(self.cfg.sink_blocks, newest - self.cfg.ring_blocks + 1)
-        return list(range(lo, newest + 1))
+        sink = set(self.sink_ids)
+        return [b for b in range(lo, newest + 1) if b not in sink and (b == newest or self._in_ring(b))]
+
+    def _is_sink_target(self, b: int) -> bool:
+        return b in self.sink_pending or (b in self.sink_ids and not self.sink_pending)
 
     def _denoise_group(self, q0: int, first: int, num_frames: int) -> QueryGroup:
         """Keys of a denoising pass over ``num_frames`` input frames starting at block ``first``."""
         cfg, fb = self.cfg, self.fb
         pos = first * fb
-        sink = [b for b in range(min(first, cfg.sink_blocks))]
+        sink = [b for b, w in zip(self.sink_ids, self.sink_written) if w and b < first]
         sources: list[KeySource] = []
-        if sink:
+        if sink or (cfg.sink_blocks == 0 and first > 0):  # history exists: sink (if any) + working cache
             # working cache: clean non-sink blocks before `first` that survive the write of `first`
             cand = [b for b in self._ring_after_write(first) if b < first]
             budget = cfg.span_frames - num_frames - len(sink) * fb
@@ -144,7 +182,7 @@ class RollingKVCache:
                 budget -= take
             wf = sum(s.frames for s in work)
             sink_pos = pos - wf - len(sink) * fb
-            sources += [KeySource(b, 0, fb, sink_pos + i * fb) for i, b in enumerate(sink)]
+            sources += [KeySource(b, 0, fb, sink_pos + i * fb, sink=True) for i, b in enumerate(sink)]
             sources += work
         sources.append(KeySource(-1, q0, q0 + num_frames, pos))
         return QueryGroup(q0, q0 + num_frames, pos, sources)
@@ -152,16 +190,17 @@ class RollingKVCache:
     def _update_group(self, q0: int, block: int) -> QueryGroup:
         """Keys of the clean-cache update pass of ``block`` (after it has been written)."""
         cfg, fb = self.cfg, self.fb
-        content = [(b, b * fb) for b in range(min(block + 1, cfg.sink_blocks))]
-        if block >= cfg.sink_blocks:
-            content += [(b, b * fb) for b in self._ring_after_write(block)]
+        in_sink = self._sink_slot(block) is not None
+        content = [(b, True) for b, w in zip(self.sink_ids, self.sink_written) if w and b <= block]
+        if not in_sink:
+            content += [(b, False) for b in self._ring_after_write(block)]
         sources: list[KeySource] = []
         budget = cfg.span_frames
-        for b, p in reversed(content):
+        for b, is_sink in reversed(content):
             if budget <= 0:
                 break
             take = min(fb, budget)
-            sources.insert(0, KeySource(b, fb - take, fb, p + fb - take))
+            sources.insert(0, KeySource(b, fb - take, fb, b * fb + fb - take, sink=is_sink))
             budget -= take
         return QueryGroup(q0, q0 + fb, block * fb, sources)
 
@@ -169,11 +208,13 @@ class RollingKVCache:
     def plan_denoise(self, first: int, num_blocks: int) -> ForwardPlan:
         nf = num_blocks * self.fb
         plan = ForwardPlan("denoise", list(range(first * self.fb, first * self.fb + nf)))
+        self._commit(plan)
         plan.groups.append(self._denoise_group(0, first, nf))
         return self._finish(plan)
 
     def plan_update(self, block: int) -> ForwardPlan:
         plan = ForwardPlan("update", list(range(block * self.fb, (block + 1) * self.fb)), writes=[(block, 0)])
+        self._commit(plan)
         plan.groups.append(self._update_group(0, block))
         return self._finish(plan)
 
@@ -182,9 +223,32 @@ class RollingKVCache:
         fb, nf = self.fb, num_blocks * self.fb
         pos = list(range(clean_block * fb, (clean_block + 1) * fb)) + list(range(first * fb, first * fb + nf))
         plan = ForwardPlan("fused", pos, writes=[(clean_block, 0)])
+        self._commit(plan)
         plan.groups.append(self._update_group(0, clean_block))
         plan.groups.append(self._denoise_group(fb, first, nf))
         return self._finish(plan)
+
+    def _commit(self, plan: ForwardPlan) -> None:
+        """Record the plan's writes in the bookkeeping (the tensors are written when it runs)."""
+        plan.targets = []  # type: ignore[attr-defined]
+        for b, _ in plan.writes:
+            if self._is_sink_target(b):
+                if b in self.sink_pending:  # re-anchor: the new scene's first block(s) become the sink
+                    i = self.sink_pending.index(b)
+                    if i == 0:
+                        self.slot_block = [x if x > b else -1 for x in self.slot_block]
+                    self.sink_ids[i] = b
+                    self.sink_written[i] = True
+                    if i == len(self.sink_pending) - 1:
+                        self.sink_pending = []
+                else:
+                    i = self.sink_ids.index(b)
+                    self.sink_written[i] = True
+                plan.targets.append(("sink", i))
+            else:
+                self.slot_block[self._ring_slot(b)] = b
+                plan.targets.append(("ring", self._ring_slot(b)))
+            self.latest = max(self.latest, b)
 
     def _finish(self, plan: ForwardPlan) -> ForwardPlan:
         relative = self.cfg.rope_mode == "relative"
@@ -194,16 +258,10 @@ class RollingKVCache:
 
     # ------------------------------------------------------------------ execution
     def prepare(self, plan: ForwardPlan) -> None:
-        """Commit the plan's writes to the bookkeeping and build its rotation tables (once per forward)."""
-        for b, _ in plan.writes:
-            if b < self.cfg.sink_blocks:
-                self.sink_written[b] = True
-            else:
-                self.slot_block[(b - self.cfg.sink_blocks) % self.cfg.ring_blocks] = b
-            self.latest = max(self.latest, b)
+        """Check the plan against the cache and build its rotation tables (once per forward)."""
         for g in plan.groups:
             for s in g.sources:
-                if s.block >= 0 and not self._in_cache(s.block):
+                if s.block >= 0 and (self._sink_slot(s.block) is None if s.sink else not self._in_ring(s.block)):
                     raise RuntimeError(f"internal error: block {s.block} is not in the KV cache")
         hp, wp = self.grid
 
@@ -214,15 +272,13 @@ class RollingKVCache:
             return plan.tables[key]
         plan.table = table  # type: ignore[attr-defined]
 
-    def _stored_rotated(self, block: int) -> bool:
-        return self.cfg.rope_mode == "reference" and block >= self.cfg.sink_blocks
+    def _stored_rotated(self, sink: bool) -> bool:
+        return self.cfg.rope_mode == "reference" and not sink
 
-    def _slot(self, layer: int, block: int):
-        if block < self.cfg.sink_blocks:
-            t0 = block * self.bt
-            return self.sink_k[layer], self.sink_v[layer], t0
-        t0 = ((block - self.cfg.sink_blocks) % self.cfg.ring_blocks) * self.bt
-        return self.ring_k[layer], self.ring_v[layer], t0
+    def _slot(self, layer: int, block: int, sink: bool):
+        if sink:
+            return self.sink_k[layer], self.sink_v[layer], self._sink_slot(block) * self.bt
+        return self.ring_k[layer], self.ring_v[layer], self._ring_slot(block) * self.bt
 
     def attend(self, layer: int, plan: ForwardPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn) -> torch.Tensor:
@@ -230,11 +286,14 @@ class RollingKVCache:
         Writes the plan's blocks into the cache, then attends per query group. Returns [B, L, H, D]."""
         tpf, fb = self.tpf, self.fb
         table = plan.table  # type: ignore[attr-defined]
-        for b, f0 in plan.writes:
+        for (b, f0), (where, slot) in zip(plan.writes, plan.targets):  # type: ignore[attr-defined]
             kb, vb = k[:, f0 * tpf:(f0 + fb) * tpf], v[:, f0 * tpf:(f0 + fb) * tpf]
-            if self._stored_rotated(b):
+            if self._stored_rotated(where == "sink"):
                 kb = apply_rope(kb, *table(plan.frame_pos[f0], fb))
-            ks, vs, t0 = self._slot(layer, b)
+            if where == "sink":
+                ks, vs, t0 = self.sink_k[layer], self.sink_v[layer], slot * self.bt
+            else:
+                ks, vs, t0 = self.ring_k[layer], self.ring_v[layer], slot * self.bt
             ks[:, t0:t0 + self.bt].copy_(kb)
             vs[:, t0:t0 + self.bt].copy_(vb)
         if len(plan.groups) == 1 and plan.groups[0].q0 == 0 and plan.groups[0].q1 == plan.num_frames:
@@ -256,11 +315,11 @@ class RollingKVCache:
                         ks_ = apply_rope(k[:, s.f0 * tpf:s.f1 * tpf], *table(s.pos - g.base, s.frames))
                         vs_ = v[:, s.f0 * tpf:s.f1 * tpf]
                     else:
-                        kst, vst, t0 = self._slot(layer, s.block)
+                        kst, vst, t0 = self._slot(layer, s.block, s.sink)
                         ks_ = kst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf]
                         vs_ = vst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf]
-                        if not (self._stored_rotated(s.block) and s.pos == s.block * fb + s.f0 and g.base == 0):
-                            if self._stored_rotated(s.block):  # stored rotated but needed elsewhere
+                        if not (self._stored_rotated(s.sink) and s.pos == s.block * fb + s.f0 and g.base == 0):
+                            if self._stored_rotated(s.sink):  # stored rotated but needed elsewhere
                                 raise RuntimeError("internal error: re-positioning a rotated key")
                             ks_ = apply_rope(ks_, *table(s.pos - g.base, s.frames))
                     self.scratch_k[:, n:n + m].copy_(ks_)
