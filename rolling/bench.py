@@ -80,6 +80,34 @@ def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: 
             "count_blocks": blocks}
 
 
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def live_tensor_bytes(device) -> int:
+    """Bytes of live tensors: the CUDA allocator's count, or all reachable CPU tensors' storages."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    import gc
+    gc.collect()
+    seen, total = set(), 0
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.device.type != "meta":
+                st = o.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+        except Exception:
+            continue
+    return total
+
+
 def time_run(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, attention: str) -> dict:
     dev = torch.device(device)
     dtype = DTYPES.get(dev.type, torch.bfloat16)
@@ -94,20 +122,28 @@ def time_run(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, att
     t0 = time.perf_counter()
     last = t0
     finite = True
+    soak = {}
     for blk in s.stream(ctx, blocks):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
         times.append(now - last)
-        last = now
         finite = finite and bool(torch.isfinite(blk.latents).all())
+        if blk.index == min(100, blocks - 1) or blk.index == blocks - 1:
+            tag = "end" if blk.index == blocks - 1 else "block100"
+            del blk
+            soak[f"rss_bytes_{tag}"] = rss_bytes()
+            soak[f"tensor_bytes_{tag}"] = live_tensor_bytes(dev)
+            if tag == "end" and "rss_bytes_block100" not in soak:
+                soak["rss_bytes_block100"], soak["tensor_bytes_block100"] = soak["rss_bytes_end"], soak["tensor_bytes_end"]
+        last = time.perf_counter()
     total = last - t0
     steady = times[1:] or times
     med = statistics.median(steady)
     p99 = sorted(steady)[min(len(steady) - 1, int(round(0.99 * (len(steady) - 1))))]
     out = {"first_block_ms": times[0] * 1e3, "block_ms_median": med * 1e3, "block_ms_p99": p99 * 1e3,
            "fps": 4 * rc.frames_per_block / med, "fps_overall": pixel_frames(blocks * rc.frames_per_block) / total,
-           "timed_blocks": blocks, "finite": finite}
+           "timed_blocks": blocks, "finite": finite, **soak}
     if dev.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_bytes_kind"] = "torch.cuda.max_memory_allocated"
@@ -134,7 +170,8 @@ def run_bench(a) -> dict:
     res.update(count(a.config, rc, hw))
     if torch.device(a.device).type != "meta":
         res.update(time_run(a.config, rc, hw, a.device, a.blocks, a.attention))
-    keys = ["forwards_per_block", "steady_forwards_per_block", "query_tokens_per_block",
+    keys = ["rss_bytes_block100", "rss_bytes_end", "tensor_bytes_block100", "tensor_bytes_end",
+            "forwards_per_block", "steady_forwards_per_block", "query_tokens_per_block",
             "steady_query_tokens_per_block", "flops_per_frame", "host_syncs_per_window",
             "peak_bytes", "block_ms_median", "block_ms_p99", "first_block_ms", "fps"]
     for k in keys:

@@ -8,7 +8,12 @@ import sys
 
 def _cmd_demo(a) -> int:
     from .demo import run_demo
-    run_demo(a.out, a.seconds, seed=a.seed, update_mode=a.mode)
+    from .video import VideoWriteError
+    try:
+        run_demo(a.out, a.seconds, seed=a.seed, update_mode=a.mode, flush=a.flush)
+    except (VideoWriteError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -53,6 +58,7 @@ def main(argv=None) -> int:
     d.add_argument("--seconds", type=float, default=10.0, help="video length in seconds at 16 fps")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--mode", choices=("reference", "fused"), default="reference", help="cache update mode")
+    d.add_argument("--flush", action="store_true", help="put every block on disk before generating the next")
     d.set_defaults(fn=_cmd_demo)
 
     v = sub.add_parser("verify-trace", help="replay a golden trace directory; exit 1 above tolerance")

@@ -19,8 +19,12 @@ DEMO_MODEL = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=
 
 
 def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=(16, 28), seed: int = 0,
-             update_mode: str = "reference", device: str = "cpu", quiet: bool = False) -> dict:
-    """Generate ``seconds`` of video with a tiny random model and write it to ``out`` as it streams."""
+             update_mode: str = "reference", device: str = "cpu", quiet: bool = False,
+             flush: bool = False) -> dict:
+    """Generate ``seconds`` of video with a tiny random model and write it to ``out`` as it streams.
+
+    With ``flush`` every block is on disk (in a playable fragment) before the next one is generated,
+    and progress is printed per block."""
     from .video import StreamingVideoWriter
 
     torch.manual_seed(seed)
@@ -46,9 +50,11 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=
                 reps[0] = 1
             writer.write(frames.repeat_interleave(reps, dim=0).numpy())
             written += int(reps.sum())
+            if flush:
+                writer.flush()
             if first_latency is None:
                 first_latency = time.perf_counter() - t0
-            if not quiet and (blk.index % 10 == 0 or blk.index == num_blocks - 1):
+            if not quiet and (flush or blk.index % 10 == 0 or blk.index == num_blocks - 1):
                 el = time.perf_counter() - t0
                 print(f"  block {blk.index + 1}/{num_blocks}  {(blk.index + 1) / el:.2f} blocks/s", flush=True)
     elapsed = time.perf_counter() - t0
