@@ -94,9 +94,13 @@ def live_tensor_bytes(device) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.memory_allocated(device)
     import gc
+    import warnings
     gc.collect()
     seen, total = set(), 0
-    for o in gc.get_objects():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for o in objs:
         try:
             if isinstance(o, torch.Tensor) and o.device.type != "meta":
                 st = o.untyped_storage()

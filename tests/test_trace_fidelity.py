@@ -82,3 +82,23 @@ def test_verify_trace_command():
     r = subprocess.run([sys.executable, "-m", "rolling", "verify-trace", str(TRACE_DIR), "--tol", "1e-9"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+EXTRA = ROOT / "tests" / "data" / "traces"
+
+
+@pytest.mark.parametrize("name", ["l3h6", "ctxnoise", "long"])
+@pytest.mark.parametrize("mode", ["reference", "fused"])
+def test_other_traces(name, mode):
+    """Traces of other sizes, depths, head counts and context noise, produced the same way."""
+    from rolling.trace import load_trace
+    tr = load_trace(str(EXTRA / name))
+    if mode == "reference":
+        res = replay_calls(tr)
+        assert res["v"] < TOL and res["x0"] < TOL, res
+    n = tr.meta["latent_shape"][1] // 3
+    h, w = tr.latent_hw
+    s = RollingSampler(tr.model, tr.rolling_config.with_(update_mode=mode), height=h, width=w, dtype=torch.float32,
+                       device="cpu", noise=recover_noise(tr))
+    out = s.generate(tr.tensors["context"], n)
+    assert (out - tr.tensors["latents"].permute(0, 2, 1, 3, 4)).abs().max().item() < TOL
