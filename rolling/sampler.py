@@ -388,7 +388,8 @@ class RollingSampler:
                "noisy": {str(b): t.detach().cpu().clone() for b, t in st.noisy.items()},
                "clean": {str(b): t.detach().cpu().clone() for b, t in st.clean.items()},
                "pending": None if st.pending is None else [st.pending[0], st.pending[1].detach().cpu().clone()],
-               "full": bool(full)}
+               "full": bool(full), "sink_ids": list(self.cache.sink_ids),
+               "sink_pending": list(self.cache.sink_pending)}
         if full:
             cs = self.cache.state_dict()
             out["cache"] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in cs.items()}
@@ -411,8 +412,10 @@ class RollingSampler:
                                         for k, v in s["cache"].items()})
             st.clean = clean
         else:
-            for b in sorted(clean):
+            self.cache.sink_ids = list(s["sink_ids"])  # a re-anchored sink stays the sink
+            for b in sorted(clean, key=lambda b: (b not in self.cache.sink_ids, b)):
                 self._update_pass(st, b, clean[b], kind="rebuild")
+            self.cache.sink_pending = list(s["sink_pending"])
         return st
 
 

@@ -153,3 +153,19 @@ def test_kill_9_leaves_playable_file(tmp_path):
         p.wait()
     assert finished >= 6
     assert probe_frame_count(str(out)) >= (finished - 1) * 12
+
+
+def test_small_resume_keeps_a_reanchored_sink(tiny_model, tiny_context):
+    from rolling.prompts import PromptSchedule, PromptSegment
+    B = tiny_context.flip(1)
+    sched = PromptSchedule([PromptSegment(0, tiny_context), PromptSegment(6, B, recache="reanchor")])
+    s = _sampler(tiny_model)
+    for blk in s.stream(sched, 20):
+        if blk.index == 12:
+            st = s.save_state(full=False)
+            break
+    assert st["sink_ids"] == [6]
+    s2 = _sampler(tiny_model)
+    it = s2.stream(sched, 20, resume=st)
+    next(it)
+    assert s2.cache.sink_ids == [6] and s2.cache.cached_blocks()[0] == 6
