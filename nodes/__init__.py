@@ -1,0 +1,32 @@
+"""The Rolling Forcing ComfyUI nodes (V3 schema, ``comfy_api.latest``).
+
+* ``RollingForcingModelLoader`` (model_loader.py): checkpoint -> MODEL (ComfyUI's own Wan model).
+* ``RollingForcingCacheConfig`` (cache_config.py): sink / span / capacity / update rules ->
+  ROLLING_FORCING_CACHE.
+* ``RollingForcingSampler`` (sampler.py): MODEL + CONDITIONING (+ cache, VAE) -> LATENT, IMAGE, info.
+
+``logic.py`` holds everything that does not need ComfyUI (validation, length planning, conditioning
+handling, memory estimate) and is tested without it; ``stream_decode.py`` is the block-by-block
+Wan2.1 VAE decoder. Outside ComfyUI (no ``comfy_api`` importable, e.g. in CI) this package imports
+without defining the extension, so ``nodes.logic`` stays usable.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+if importlib.util.find_spec("comfy_api") is not None:
+    from comfy_api.latest import ComfyExtension, io
+
+    from .cache_config import RollingForcingCacheConfig
+    from .model_loader import RollingForcingModelLoader
+    from .sampler import RollingForcingSampler
+
+    NODES = [RollingForcingModelLoader, RollingForcingCacheConfig, RollingForcingSampler]
+
+    class RollingForcingExtension(ComfyExtension):
+        """Lists the pack's nodes for ComfyUI (returned by the pack's ``comfy_entrypoint``)."""
+
+        async def get_node_list(self) -> list[type[io.ComfyNode]]:
+            return list(NODES)
+
+    __all__ = ["RollingForcingExtension", "NODES"]

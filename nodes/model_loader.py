@@ -1,0 +1,99 @@
+"""Rolling Forcing Model Loader: a release checkpoint (.pt with generator_ema / generator) or a plain
+Wan2.1 T2V state dict -> ComfyUI's own Wan model as a normal MODEL (ModelPatcher).
+
+The state dict is extracted with the core's safe loader (``torch.load(weights_only=True)``) and
+handed to ``comfy.sd.load_diffusion_model_state_dict`` exactly like the stock Load Diffusion Model
+node does, so ComfyUI's memory management, offloading, fp8 weights and LoRA loaders apply.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from ..rolling.loading import CheckpointError, config_from_state_dict, extract_state_dict, read_raw
+from . import logic
+
+log = logging.getLogger("RollingForcing")
+
+
+class RollingForcingModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = logic.checkpoint_files(folder_paths.get_filename_list("diffusion_models"))
+        return io.Schema(
+            node_id="RollingForcingModelLoader",
+            display_name="Rolling Forcing Model Loader",
+            category=f"{logic.CATEGORY}/loaders",
+            description=(
+                "Loads a Rolling Forcing (or Self-Forcing) Wan2.1-T2V-1.3B checkpoint from models/diffusion_models: "
+                "the release's rolling_forcing_dmd.pt (generator_ema / generator weights) or a converted "
+                ".safetensors. Builds ComfyUI's own Wan model, so memory management, fp8 weights and LoRA "
+                "loaders work as for any MODEL."),
+            inputs=[
+                io.Combo.Input("model_name", options=files,
+                               tooltip="Checkpoint in models/diffusion_models (.pt, .pth or .safetensors), e.g. "
+                                       "rolling_forcing_dmd.pt from TencentARC/RollingForcing."),
+                io.Combo.Input("weights", options=list(logic.WEIGHT_CHOICES), default="ema",
+                               tooltip="Which generator weights of a release .pt to use: ema (generator_ema, what "
+                                       "the reference samples with) or regular (generator). Plain state dicts "
+                                       "have only one set and ignore this."),
+                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the weights. default lets ComfyUI choose for your device; "
+                                       "fp8 halves the weight memory (computation then runs in bf16/fp16)."),
+                io.Combo.Input("attention", options=list(logic.ATTENTION_BACKENDS), default="auto",
+                               tooltip="Attention kernel the Rolling Forcing sampler uses with this model: auto "
+                                       "(sage on CUDA when installed, else PyTorch SDPA), sdpa, sage "
+                                       "(sageattention) or flash (flash-attn). Unavailable ones fall back to sdpa."),
+            ],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="The Wan2.1 DiT as a ComfyUI MODEL; connect it to Rolling Forcing "
+                                             "Sampler (LoRA loaders may go in between).")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, weights: str = "ema", weight_dtype: str = "default",
+                attention: str = "auto") -> io.NodeOutput:
+        logic.check_choice("weights", weights, logic.WEIGHT_CHOICES)
+        logic.check_choice("attention backend", attention, logic.ATTENTION_BACKENDS)
+        options = logic.weight_dtype_options(weight_dtype)
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        try:
+            sd = extract_state_dict(read_raw(path), weights)
+            config_from_state_dict(sd)  # non-Wan, I2V and VACE checkpoints are refused here
+        except CheckpointError as e:
+            raise ValueError(f"{model_name}: {e}") from None
+        except ValueError as e:  # e.g. an unsupported architecture in the shapes
+            raise ValueError(f"{model_name} is not a usable Wan2.1 text-to-video checkpoint: {e}") from None
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        del sd
+        if patcher is None:
+            raise ValueError(f"{model_name}: ComfyUI could not detect a Wan2.1 model in this checkpoint")
+        problem = model_problem(patcher)
+        if problem:
+            raise ValueError(f"{model_name}: {problem}")
+        logic.with_attention(patcher.model_options, attention)
+        log.info("[RollingForcing] loaded %s (%s weights, dtype %s, manual cast %s, attention %s)", model_name, weights,
+                 patcher.model.get_dtype(), patcher.model.manual_cast_dtype, attention)
+        return io.NodeOutput(patcher)
+
+
+def model_problem(patcher) -> str | None:
+    """Why a MODEL cannot be sampled with Rolling Forcing (None if it can)."""
+    base = getattr(patcher, "model", None)
+    dm = getattr(base, "diffusion_model", None)
+    if dm is None:
+        return f"the MODEL input is not a diffusion model ({type(base).__name__})"
+    pe = getattr(getattr(dm, "patch_embedding", None), "weight", None)
+    head = getattr(getattr(getattr(dm, "head", None), "head", None), "weight", None)
+    if pe is None or head is None or not hasattr(dm, "blocks"):
+        return (f"the MODEL is a {type(dm).__name__} ({type(base).__name__}), not a Wan2.1 DiT; load "
+                f"rolling_forcing_dmd.pt with Rolling Forcing Model Loader")
+    patch = 1
+    for p in pe.shape[2:]:
+        patch *= int(p)
+    return logic.wan_t2v_problem(class_name=type(dm).__name__, model_type=getattr(dm, "model_type", None),
+                                 has_image_embedding=getattr(dm, "img_emb", None) is not None,
+                                 in_dim=int(pe.shape[1]), out_dim=int(head.shape[0]) // patch)

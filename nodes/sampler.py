@@ -1,0 +1,203 @@
+"""Rolling Forcing Sampler: MODEL + prompt -> a LATENT video (ComfyUI's Wan21 convention) and, with a
+VAE connected, its frames as IMAGE, decoded block by block while sampling.
+
+Thin: inputs are checked with ``nodes.logic``, sampling is the core's ``RollingSampler.stream``
+over ComfyUI's own Wan module tree, decoding is ``nodes.stream_decode``.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.utils
+import torch
+from comfy.cli_args import args
+from comfy_api.latest import io, ui
+from comfy_execution.graph_utils import ExecutionBlocker
+from PIL import Image
+
+from ..rolling.forward import WanArch
+from ..rolling.preview import latent_to_rgb
+from ..rolling.sampler import RollingSampler
+from . import logic
+from .cache_config import RollingForcingCache
+from .model_loader import model_problem
+from .stream_decode import StreamingVAEDecoder, check_wan21_vae
+
+log = logging.getLogger("RollingForcing")
+
+NO_VAE_MESSAGE = ("Rolling Forcing Sampler: the IMAGE output needs a VAE; connect Load VAE "
+                  "(wan_2.1_vae.safetensors) to the sampler's vae input, or decode the LATENT with VAE Decode")
+
+
+class RollingForcingSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RollingForcingSampler",
+            display_name="Rolling Forcing Sampler",
+            category=f"{logic.CATEGORY}/sampling",
+            description=(
+                "Streams a text-to-video clip of any length with Rolling Forcing on a Wan2.1-T2V-1.3B model: a "
+                "rolling window of 5 blocks is denoised jointly, with an attention sink and a fixed-size KV "
+                "cache, so memory stays flat however long the video. The length is rounded up to whole blocks "
+                "(3 latent frames = 12 frames at 16 fps). Outputs a LATENT for VAE Decode; with a VAE connected "
+                "each block is also decoded as soon as it is finished (identical to decoding at the end)."),
+            inputs=[
+                io.Model.Input("model", tooltip="Wan2.1 T2V DiT from Rolling Forcing Model Loader (or Load Diffusion "
+                                                "Model with a converted .safetensors)."),
+                io.Conditioning.Input("positive", tooltip="The prompt: CLIPTextEncode with a CLIPLoader of type wan "
+                                                          "(umT5-XXL). Padded or cut to 512 tokens like the "
+                                                          "reference. No negative prompt is used (distilled model)."),
+                io.Int.Input("width", default=logic.DEFAULT_WIDTH, min=logic.SIZE_MULTIPLE, max=logic.MAX_SIZE,
+                             step=logic.SIZE_MULTIPLE,
+                             tooltip="Video width in pixels, a multiple of 16. The model was trained at 832x480."),
+                io.Int.Input("height", default=logic.DEFAULT_HEIGHT, min=logic.SIZE_MULTIPLE, max=logic.MAX_SIZE,
+                             step=logic.SIZE_MULTIPLE,
+                             tooltip="Video height in pixels, a multiple of 16. The model was trained at 832x480."),
+                io.Float.Input("seconds", default=logic.DEFAULT_SECONDS, min=0.0625, max=logic.MAX_SECONDS, step=0.25,
+                               tooltip="Length at 16 fps, rounded up to whole blocks of 12 frames (the node's text "
+                                       "output and log say the exact frame count). 5 s = 81 frames."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; every block's noise is derived from it, so runs are reproducible "
+                                     "on the same device."),
+                io.String.Input("steps", default=logic.DEFAULT_STEPS_TEXT, optional=True,
+                                tooltip="Denoising steps, comma separated, strictly decreasing, in 1..1000 "
+                                        "(reference: 1000,800,600,400,200). Their number is the window length in "
+                                        "blocks. Blank = reference."),
+                RollingForcingCache.Input("cache", optional=True,
+                                          tooltip="Cache settings from Rolling Forcing Cache Settings; reference "
+                                                  "settings when not connected."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional Wan2.1 VAE (wan_2.1_vae.safetensors): each finished block is decoded "
+                                     "right away, shown as the preview and returned as IMAGE."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent",
+                                 tooltip="The video latent [1, 16, frames, H/8, W/8] in ComfyUI's Wan2.1 format "
+                                         "(works with VAE Decode, Save Latent, ...)."),
+                io.Image.Output(display_name="images",
+                                tooltip="Decoded frames [N, H, W, 3] at 16 fps (only when a VAE is connected), "
+                                        "e.g. for Create Video."),
+                io.String.Output(display_name="info",
+                                 tooltip="What the run did: frames, blocks, settings and memory estimate."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, seconds=None, steps=None):
+        try:
+            for name, v in (("width", width), ("height", height)):
+                if v is not None:
+                    logic.check_dimension(name, v)
+            if seconds is not None:
+                logic.plan_length(seconds)
+            if steps is not None:
+                logic.sampler_config(None, steps)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, width: int, height: int, seconds: float, seed: int,
+                steps: str = logic.DEFAULT_STEPS_TEXT, cache: logic.CacheSettings | None = None,
+                vae=None) -> io.NodeOutput:
+        # ---- inputs
+        cfg = logic.sampler_config(cache, steps)
+        lat_h, lat_w = logic.latent_size(width, height)
+        plan = logic.plan_length(seconds, cfg.frames_per_block)
+        problem = model_problem(model)
+        if problem:
+            raise ValueError(problem)
+        dm = model.model.diffusion_model
+        arch = WanArch.of(dm)
+        ctx, note = logic.prepare_text(logic.conditioning_tensor(positive), arch.text_dim)
+        if note:
+            log.warning("[RollingForcing] %s", note)
+        if vae is not None:
+            check_wan21_vae(vae)
+        batch = ctx.shape[0]
+        device = model.load_device
+        dtype = logic.compute_dtype(model.model.manual_cast_dtype, model.model.get_dtype(),
+                                    mm.should_use_bf16(device))
+        attention = logic.attention_from_options(model.model_options)
+
+        # ---- memory: estimate, log, fail early
+        ffn_dim = dm.blocks[0].ffn[0].weight.shape[0]
+        est = logic.estimate_memory(
+            cfg, num_layers=arch.num_layers, dim=arch.dim, ffn_dim=ffn_dim, latent_h=lat_h, latent_w=lat_w,
+            batch=batch, dtype_bytes=dtype.itemsize, weight_bytes=model.model_size(), patch=arch.patch_size,
+            vae=vae is not None, vae_dtype_bytes=vae.vae_dtype.itemsize if vae is not None else 2,
+            vae_weight_bytes=vae.patcher.model_size() if vae is not None else 0)
+        summary = logic.run_summary(plan, cfg, width, height, batch, seed, attention, dtype, est)
+        for line in summary.splitlines():
+            log.info("[RollingForcing] %s", line)
+        logic.check_memory(est, mm.get_total_memory(device), str(device), after_weights=False)
+        if vae is not None:
+            logic.check_host_memory(plan.frames, width, height, batch, mm.get_free_memory(torch.device("cpu")))
+        mm.load_models_gpu([model] + ([vae.patcher] if vae is not None else []), memory_required=est.working)
+        logic.check_memory(est, mm.get_free_memory(device), str(device))
+
+        # ---- sample, block by block
+        out_dev = mm.intermediate_device()
+        fmt = comfy.latent_formats.Wan21()
+        fb = cfg.frames_per_block
+        latent = torch.empty((batch, arch.out_dim, plan.latent_frames, lat_h, lat_w), dtype=torch.float32,
+                             device=out_dev)
+        images = None
+        if vae is not None:
+            images = torch.empty((batch, plan.frames, height, width, 3), dtype=torch.float32, device=out_dev)
+        pbar = comfy.utils.ProgressBar(plan.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
+        sampler = decoder = stream = None
+        written = 0
+        try:
+            sampler = RollingSampler(dm, cfg, height=lat_h, width=lat_w, batch=batch, device=device, dtype=dtype,
+                                     attention=attention, seed=seed, on_call=_check_interrupt)
+            decoder = StreamingVAEDecoder(vae) if vae is not None else None
+            stream = sampler.stream(ctx, plan.blocks)
+            for blk in stream:
+                raw = fmt.process_out(blk.latents.float())
+                f0 = blk.index * fb
+                latent[:, :, f0:f0 + fb] = raw.to(out_dev)
+                if decoder is not None:
+                    frames = decoder.decode(raw)  # [B, t, H, W, 3]
+                    images[:, written:written + frames.shape[1]] = frames
+                    written += frames.shape[1]
+                    preview = _to_pil(frames[0, -1])
+                else:
+                    preview = Image.fromarray(latent_to_rgb(blk.latents[:1, :, -1:].float())[0].numpy())
+                pbar.update_absolute(blk.index + 1, plan.blocks, ("JPEG", preview, args.preview_size))
+                mm.throw_exception_if_processing_interrupted()
+        except BaseException as e:
+            # an interruption or error: drop what the traceback would otherwise keep alive until ComfyUI
+            # is done with the exception (the finished frames' locals: KV cache, activations; and ours)
+            traceback.clear_frames(e.__traceback__)
+            latent = images = ctx = None  # noqa: F841
+            raise
+        finally:
+            if stream is not None:
+                stream.close()
+            if sampler is not None:
+                sampler.cache = None
+            if decoder is not None:
+                decoder.close()
+            sampler = decoder = stream = None
+            mm.soft_empty_cache()
+
+        info = summary + f"\nfinished {plan.blocks} block(s) -> {plan.frames} frames"
+        log.info("[RollingForcing] finished %d block(s) -> %d frames", plan.blocks, plan.frames)
+        out_images = images.reshape(batch * plan.frames, height, width, 3) if images is not None \
+            else ExecutionBlocker(NO_VAE_MESSAGE)
+        return io.NodeOutput({"samples": latent}, out_images, info, ui=ui.PreviewText(info))
+
+
+def _check_interrupt(_record) -> None:
+    """Called by the core before every DiT forward (each window and each cache update)."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+def _to_pil(frame: torch.Tensor) -> Image.Image:
+    return Image.fromarray((frame.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())

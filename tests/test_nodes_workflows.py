@@ -1,0 +1,113 @@
+"""Static checks of the shipped workflows (UI format, as the frontend saves them); no ComfyUI needed.
+
+The frontend-level checks (loading them in the real frontend, converting to API form, ComfyUI's
+prompt validation, running them) are in test_comfy_workflows.py / test_comfy_nodes.py.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import test_comfy_helpers as H
+
+
+@pytest.fixture(params=list(H.WORKFLOW_FILES), scope="module")
+def workflow(request):
+    return request.param, H.WORKFLOW_FILES[request.param], H.load_workflow(request.param)
+
+
+def test_workflows_folder_holds_ui_workflows_and_thumbnails():
+    names = {p.name for p in H.WORKFLOWS.iterdir()}
+    assert set(H.WORKFLOW_FILES) <= names
+    assert all(n.endswith((".json", ".jpg")) for n in names), names  # ComfyUI serves the folder as-is
+    for name in H.WORKFLOW_FILES:  # the template browser's thumbnail: a JPEG with the same stem
+        assert (H.WORKFLOWS / (name[:-5] + ".jpg")).read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+def test_ui_format(workflow):
+    name, _, ui = workflow
+    for key in ("id", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
+        assert key in ui, f"{name}: {key} missing"
+    assert ui["version"] == 0.4
+    ids = [n["id"] for n in ui["nodes"]]
+    assert len(ids) == len(set(ids)) and max(ids) <= ui["last_node_id"]
+    assert max(ln[0] for ln in ui["links"]) <= ui["last_link_id"]
+    json.dumps(ui)  # plain JSON
+
+
+def test_links_are_consistent(workflow):
+    _, _, ui = workflow
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert out["type"] == inp["type"] == typ
+
+
+def _by_type(ui, typ):
+    found = [n for n in ui["nodes"] if n["type"] == typ]
+    assert len(found) == 1, typ
+    return found[0]
+
+
+def _source(ui, node, input_name):
+    link = next(i["link"] for i in node["inputs"] if i["name"] == input_name)
+    ln = next(ln for ln in ui["links"] if ln[0] == link)
+    return next(n for n in ui["nodes"] if n["id"] == ln[1]), ln[2]
+
+
+def test_graph_shape(workflow):
+    name, upscale, ui = workflow
+    types = sorted(n["type"] for n in ui["nodes"])
+    expected = ["CLIPLoader", "CLIPTextEncode", "CreateVideo", "Note", "RollingForcingCacheConfig",
+                "RollingForcingModelLoader", "RollingForcingSampler", "SaveVideo", "VAELoader"]
+    assert types == sorted(expected + (["ImageScaleBy"] if upscale else []))
+    sampler = _by_type(ui, "RollingForcingSampler")
+    assert _source(ui, sampler, "model")[0]["type"] == "RollingForcingModelLoader"
+    assert _source(ui, sampler, "positive")[0]["type"] == "CLIPTextEncode"
+    assert _source(ui, sampler, "cache")[0]["type"] == "RollingForcingCacheConfig"
+    assert _source(ui, sampler, "vae")[0]["type"] == "VAELoader"
+    create = _by_type(ui, "CreateVideo")
+    src, slot = _source(ui, create, "images")
+    if upscale:
+        assert src["type"] == "ImageScaleBy" and src["widgets_values"] == ["lanczos", 1.5]
+        src, slot = _source(ui, src, "image")
+    assert src["type"] == "RollingForcingSampler" and slot == 1  # the IMAGE output
+    assert create["widgets_values"] == [16]  # Wan2.1 decodes at 16 fps
+    assert _source(ui, _by_type(ui, "SaveVideo"), "video")[0]["type"] == "CreateVideo"
+    assert _by_type(ui, "CLIPLoader")["widgets_values"][1] == "wan"
+
+
+def test_widget_values_match_the_api_graph(workflow):
+    _, upscale, ui = workflow
+    api = H.t2v_api(upscale)
+    loader = api["1"]["inputs"]
+    assert _by_type(ui, "RollingForcingModelLoader")["widgets_values"] == [
+        loader["model_name"], loader["weights"], loader["weight_dtype"], loader["attention"]]
+    cache = api["5"]["inputs"]
+    assert _by_type(ui, "RollingForcingCacheConfig")["widgets_values"] == [
+        cache["sink_blocks"], cache["span_frames"], cache["capacity_frames"], cache["context_noise"],
+        cache["update_mode"], cache["rope_mode"]]
+    s = api["6"]["inputs"]
+    wv = _by_type(ui, "RollingForcingSampler")["widgets_values"]
+    assert wv[:4] == [s["width"], s["height"], s["seconds"], s["seed"]] and wv[5] == s["steps"]
+    assert wv[4] in ("fixed", "randomize", "increment", "decrement")  # the seed's control widget
+
+
+def test_loaders_list_their_model_downloads(workflow):
+    _, _, ui = workflow
+    for typ, kind in H.LOADER_MODELS.items():
+        node = _by_type(ui, typ)
+        f = H.MODEL_FILES[kind]
+        assert node["properties"]["models"] == [{"name": f["name"], "url": f["url"], "directory": f["directory"]}]
+        assert node["widgets_values"][0] == f["name"]
+        assert f["url"].startswith("https://huggingface.co/") and f["url"].endswith("/" + f["name"])
+
+
+def test_note_explains_the_models(workflow):
+    _, _, ui = workflow
+    note = _by_type(ui, "Note")["widgets_values"][0]
+    for f in H.MODEL_FILES.values():
+        assert f["name"] in note
