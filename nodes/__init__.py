@@ -3,7 +3,10 @@
 * ``RollingForcingModelLoader`` (model_loader.py): checkpoint -> MODEL (ComfyUI's own Wan model).
 * ``RollingForcingCacheConfig`` (cache_config.py): sink / span / capacity / update rules ->
   ROLLING_FORCING_CACHE.
-* ``RollingForcingSampler`` (sampler.py): MODEL + CONDITIONING (+ cache, VAE) -> LATENT, IMAGE, info.
+* ``RollingForcingSampler`` (sampler.py): MODEL + CONDITIONING or prompt schedule (+ cache, VAE) ->
+  LATENT, IMAGE, info.
+* ``RollingForcingPromptStory`` / ``RollingForcingPromptSegment`` (prompt_nodes.py): timed prompts ->
+  ROLLING_FORCING_PROMPTS.
 
 ``logic.py`` holds everything that does not need ComfyUI (validation, length planning, conditioning
 handling, memory estimate) and is tested without it; ``stream_decode.py`` is the block-by-block
@@ -19,9 +22,11 @@ if importlib.util.find_spec("comfy_api") is not None:
 
     from .cache_config import RollingForcingCacheConfig
     from .model_loader import RollingForcingModelLoader
+    from .prompt_nodes import RollingForcingPromptSegment, RollingForcingPromptStory
     from .sampler import RollingForcingSampler
 
-    NODES = [RollingForcingModelLoader, RollingForcingCacheConfig, RollingForcingSampler]
+    NODES = [RollingForcingModelLoader, RollingForcingCacheConfig, RollingForcingSampler,
+             RollingForcingPromptStory, RollingForcingPromptSegment]
 
     class RollingForcingExtension(ComfyExtension):
         """Lists the pack's nodes for ComfyUI (returned by the pack's ``comfy_entrypoint``)."""

@@ -24,6 +24,8 @@ from ..rolling.sampler import RollingSampler
 from . import logic
 from .cache_config import RollingForcingCache
 from .model_loader import model_problem
+from .prompt_logic import PromptList, build_schedule, describe
+from .prompt_nodes import RollingForcingPrompts
 from .stream_decode import StreamingVAEDecoder, check_wan21_vae
 
 log = logging.getLogger("RollingForcing")
@@ -48,9 +50,13 @@ class RollingForcingSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Wan2.1 T2V DiT from Rolling Forcing Model Loader (or Load Diffusion "
                                                 "Model with a converted .safetensors)."),
-                io.Conditioning.Input("positive", tooltip="The prompt: CLIPTextEncode with a CLIPLoader of type wan "
-                                                          "(umT5-XXL). Padded or cut to 512 tokens like the "
-                                                          "reference. No negative prompt is used (distilled model)."),
+                io.MultiType.Input(
+                    io.Conditioning.Input("positive", tooltip="The prompt: CLIPTextEncode with a CLIPLoader of type wan "
+                                                              "(umT5-XXL), or a timed schedule from Rolling Forcing "
+                                                              "Prompt Story / Prompt Segment. Padded or cut to 512 "
+                                                              "tokens like the reference. No negative prompt is used "
+                                                              "(distilled model)."),
+                    types=[io.Conditioning, RollingForcingPrompts]),
                 io.Int.Input("width", default=logic.DEFAULT_WIDTH, min=logic.SIZE_MULTIPLE, max=logic.MAX_SIZE,
                              step=logic.SIZE_MULTIPLE,
                              tooltip="Video width in pixels, a multiple of 16. The model was trained at 832x480."),
@@ -114,9 +120,17 @@ class RollingForcingSampler(io.ComfyNode):
             raise ValueError(problem)
         dm = model.model.diffusion_model
         arch = WanArch.of(dm)
-        ctx, note = logic.prepare_text(logic.conditioning_tensor(positive), arch.text_dim)
-        if note:
-            log.warning("[RollingForcing] %s", note)
+        schedule = None
+        if isinstance(positive, PromptList):
+            schedule, _ = build_schedule(positive, plan.actual_seconds,
+                                         lambda c: logic.prepare_text(c, arch.text_dim)[0])
+            ctx = schedule.segments[0].context
+            for line in describe(schedule).splitlines():
+                log.info("[RollingForcing] prompt %s", line)
+        else:
+            ctx, note = logic.prepare_text(logic.conditioning_tensor(positive), arch.text_dim)
+            if note:
+                log.warning("[RollingForcing] %s", note)
         if vae is not None:
             check_wan21_vae(vae)
         batch = ctx.shape[0]
@@ -133,6 +147,8 @@ class RollingForcingSampler(io.ComfyNode):
             vae=vae is not None, vae_dtype_bytes=vae.vae_dtype.itemsize if vae is not None else 2,
             vae_weight_bytes=vae.patcher.model_size() if vae is not None else 0)
         summary = logic.run_summary(plan, cfg, width, height, batch, seed, attention, dtype, est)
+        if schedule is not None:
+            summary += "\nprompt schedule (start snapped to the nearest block):\n" + describe(schedule)
         for line in summary.splitlines():
             log.info("[RollingForcing] %s", line)
         logic.check_memory(est, mm.get_total_memory(device), str(device), after_weights=False)
@@ -157,8 +173,12 @@ class RollingForcingSampler(io.ComfyNode):
             sampler = RollingSampler(dm, cfg, height=lat_h, width=lat_w, batch=batch, device=device, dtype=dtype,
                                      attention=attention, seed=seed, on_call=_check_interrupt)
             decoder = StreamingVAEDecoder(vae) if vae is not None else None
-            stream = sampler.stream(ctx, plan.blocks)
+            stream = sampler.stream(schedule if schedule is not None else ctx, plan.blocks)
+            segment = None
             for blk in stream:
+                if schedule is not None and blk.segment != segment:
+                    segment = blk.segment
+                    log.info("[RollingForcing] block %d/%d: now generating %r", blk.index + 1, plan.blocks, segment)
                 raw = fmt.process_out(blk.latents.float())
                 f0 = blk.index * fb
                 latent[:, :, f0:f0 + fb] = raw.to(out_dev)

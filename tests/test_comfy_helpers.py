@@ -42,7 +42,8 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
-OUR_NODES = ("RollingForcingModelLoader", "RollingForcingCacheConfig", "RollingForcingSampler")
+OUR_NODES = ("RollingForcingModelLoader", "RollingForcingCacheConfig", "RollingForcingSampler",
+             "RollingForcingPromptStory", "RollingForcingPromptSegment")
 
 # tiny Wan2.1 DiT that ComfyUI's detection accepts (num_heads = dim // 128)
 TINY_WAN = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, freq_dim=256, text_dim=4096)
@@ -357,8 +358,15 @@ def run_prompt(prompt: dict, outputs: list[str] | None = None):
 
 # ----------------------------------------------------------------------------- workflows
 
-def t2v_api(upscale: bool = False) -> dict:
-    """The API graph of workflows/rolling_forcing_t2v.json (or _upscale.json)."""
+STORY = ("0:00 a quiet street at dusk, warm shop lights, a few people walking, cinematic\n"
+         "0:04 rain starts, neon reflections on the wet asphalt, umbrellas open\n"
+         "0:08 the camera rises slowly above the rooftops, city lights in the rain")
+
+
+def t2v_api(upscale: bool | str = False) -> dict:
+    """The API graph of workflows/rolling_forcing_t2v.json; ``True``/"upscale" for _upscale.json,
+    "story" for _prompt_story.json (timed prompts from a Prompt Story node)."""
+    variant = {False: "t2v", True: "upscale"}.get(upscale, upscale)
     g = {
         "1": {"class_type": "RollingForcingModelLoader", "_meta": {"title": "Rolling Forcing Model Loader"},
               "inputs": {"model_name": MODEL_FILES["dit"]["name"], "weights": "ema", "weight_dtype": "default",
@@ -381,7 +389,13 @@ def t2v_api(upscale: bool = False) -> dict:
               "inputs": {"video": ["7", 0], "filename_prefix": "video/rolling_forcing", "format": "auto",
                          "codec": "auto"}},
     }
-    if upscale:
+    if variant == "story":
+        g["3"] = {"class_type": "RollingForcingPromptStory", "_meta": {"title": "Prompt Story (one timed prompt per line)"},
+                  "inputs": {"clip": ["2", 0], "text": STORY, "transition": "blend", "blend_seconds": 1.5,
+                             "recache": "none"}}
+        g["6"]["inputs"]["seconds"] = 12.0
+        g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_story"
+    if variant == "upscale":
         g["9"] = {"class_type": "ImageScaleBy", "_meta": {"title": "Upscale 1.5x (to 1248x720)"},
                   "inputs": {"image": ["6", 1], "upscale_method": "lanczos", "scale_by": 1.5}}
         g["7"]["inputs"]["images"] = ["9", 0]
@@ -389,7 +403,13 @@ def t2v_api(upscale: bool = False) -> dict:
     return g
 
 
-WORKFLOW_FILES = {"rolling_forcing_t2v.json": False, "rolling_forcing_upscale.json": True}
+WORKFLOW_FILES = {"rolling_forcing_t2v.json": False, "rolling_forcing_upscale.json": True,
+                  "rolling_forcing_prompt_story.json": "story"}
+
+NOTE_STORY = ("\n\nPrompt story: one prompt per line, each starting with its time (seconds or m:ss). Each line "
+              "is encoded with the text encoder; switches snap to the nearest 0.75 s block boundary, and the "
+              "sampler's info output shows where each landed. Transitions: cut, blend (over blend_seconds), and "
+              "recache (keep_sink for a new action in the same scene, reanchor for a scene change).")
 
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -657,7 +677,7 @@ def regenerate_workflows() -> None:
     with tempfile.TemporaryDirectory(prefix="rf_wf_") as tmp, ComfyServer(Path(tmp)) as server, \
             frontend(server) as page:
         for name, upscale in WORKFLOW_FILES.items():
-            note = NOTE_TEXT + (NOTE_UPSCALE if upscale else "")
+            note = NOTE_TEXT + (NOTE_UPSCALE if upscale is True else "") + (NOTE_STORY if upscale == "story" else "")
             ui = add_model_properties(frontend_api_to_ui(page, t2v_api(upscale), note))
             ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"rolling-forcing/workflows/{name}"))
             (WORKFLOWS / name).write_text(json.dumps(ui, indent=2) + "\n")

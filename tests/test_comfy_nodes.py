@@ -443,3 +443,39 @@ def test_upscale_workflow_runs_end_to_end(cu):
         s = c.streams.video[0]
         assert (s.codec_context.width, s.codec_context.height) == (48, 48)
         assert sum(1 for _ in c.decode(video=0)) == 21
+
+
+# ----------------------------------------------------------------------------- prompt schedules
+
+def test_prompt_segments_switch_where_asked(cu, model, cond):
+    """A two-segment schedule: blocks before the switch's first window equal a single-prompt run."""
+    other = H.node_class("RFTestPromptEmbedding")().run(7, 12, 4096)[0]
+    seg = H.node_class("RollingForcingPromptSegment")
+    first = seg.execute(cond, "0:00", "cut", 2.0, "none", "street")[0]
+    both = seg.execute(other, "0:05", "cut", 2.0, "keep_sink", "rain", previous=first)[0]
+    kw = dict(seconds=8.0)
+    single = run_sampler(model, cond, **kw)[0]["samples"]
+    out = run_sampler(model, both, **kw)
+    sched = out[0]["samples"]
+    # 0:05 -> block 7 (starts at 5.06 s); windows 0..6 finish blocks 0..2 untouched
+    assert torch.equal(sched[:, :, :9], single[:, :, :9])
+    assert not torch.allclose(sched[:, :, 24:], single[:, :, 24:])
+    assert "block 7, cut, recache keep_sink) rain" in out[2]
+
+
+def test_prompt_story_node_encodes_each_line(cu):
+    calls = []
+
+    class FakeClip:
+        def tokenize(self, text):
+            calls.append(text)
+            return text
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[torch.full((1, 5, 4096), float(len(tokens))), {"pooled_output": None}]]
+
+    story = H.node_class("RollingForcingPromptStory")
+    pl = story.execute(FakeClip(), "0:00 a street\n# note\n0:20 rain starts", "blend", 1.5, "none")[0]
+    assert calls == ["a street", "rain starts"]
+    assert [s.start_s for s in pl.segments] == [0.0, 20.0] and pl.segments[1].transition == "blend"
+    assert story.validate_inputs(text="0:10 late start") != True  # noqa: E712

@@ -1,0 +1,123 @@
+"""Prompt-schedule nodes: timed segments for the Rolling Forcing Sampler's ``positive`` input.
+
+* ``RollingForcingPromptSegment``: one CONDITIONING from a start time, chained segment by segment.
+* ``RollingForcingPromptStory``: CLIP + multi-line text (``0:00 a quiet street`` / ``0:20 rain``),
+  one prompt per line, each encoded with the connected text encoder.
+"""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..rolling.prompts import RECACHE, TRANSITIONS
+from . import logic
+from .prompt_logic import PROMPTS_TYPE, PromptList, SegmentSpec, check_options, parse_time, story_segments
+
+RollingForcingPrompts = io.Custom(PROMPTS_TYPE)
+
+_TRANSITION_TIP = ("How the prompt takes over: cut = from its first block on; blend = the text moves from the "
+                   "previous prompt to this one block by block over blend_seconds.")
+_RECACHE_TIP = ("At the switch, re-encode the cached frames under the new prompt (as LongLive does): none; "
+                "keep_sink = same scene, new action; reanchor = scene change, the new segment's first block "
+                "becomes the attention sink.")
+
+
+def _options():
+    return [
+        io.Combo.Input("transition", options=list(TRANSITIONS), default="cut", tooltip=_TRANSITION_TIP),
+        io.Float.Input("blend_seconds", default=2.0, min=0.0, max=60.0, step=0.25,
+                       tooltip="Length of a blend in seconds (rounded to whole 0.75 s blocks); ignored for cut."),
+        io.Combo.Input("recache", options=list(RECACHE), default="none", tooltip=_RECACHE_TIP),
+    ]
+
+
+class RollingForcingPromptSegment(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RollingForcingPromptSegment",
+            display_name="Rolling Forcing Prompt Segment",
+            category=f"{logic.CATEGORY}/prompts",
+            description=("One timed prompt of a story: this CONDITIONING applies from `start` until the next "
+                         "segment. Chain segments through `previous` (the first must start at 0:00) and connect "
+                         "the last one to the sampler's positive input. Starts snap to the nearest block "
+                         "boundary (every 0.75 s); the sampler's info output shows where each one landed."),
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The prompt (CLIPTextEncode with a CLIPLoader of type wan)."),
+                io.String.Input("start", default="0:00",
+                                tooltip="When this prompt starts: seconds (20, 20.5) or m:ss (0:20)."),
+                *_options(),
+                io.String.Input("label", default="", optional=True,
+                                tooltip="Name shown in progress and info (default: the segment number)."),
+                RollingForcingPrompts.Input("previous", optional=True,
+                                            tooltip="The segments before this one (from another Prompt Segment or "
+                                                    "Prompt Story)."),
+            ],
+            outputs=[RollingForcingPrompts.Output(display_name="prompts",
+                                                  tooltip="The schedule so far; connect to the sampler's positive "
+                                                          "input or to the next segment.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start=None, transition=None, blend_seconds=None, recache=None, **_):
+        try:
+            if start is not None:
+                parse_time(start)
+            if transition is not None and recache is not None and blend_seconds is not None:
+                check_options(transition, blend_seconds, recache)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, conditioning, start, transition, blend_seconds, recache, label="", previous=None) -> io.NodeOutput:
+        check_options(transition, blend_seconds, recache)
+        prev = previous or PromptList()
+        n = len(prev.segments) + 1
+        seg = SegmentSpec(parse_time(start), logic.conditioning_tensor(conditioning), label or f"segment {n}",
+                          transition, blend_seconds, recache, f"segment {n} ({label or start})")
+        return io.NodeOutput(prev.add(seg))
+
+
+class RollingForcingPromptStory(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RollingForcingPromptStory",
+            display_name="Rolling Forcing Prompt Story",
+            category=f"{logic.CATEGORY}/prompts",
+            description=("A whole story as text, one prompt per line, each starting with its time: "
+                         "'0:00 a quiet street at dusk' / '0:20 rain starts, neon reflections' (seconds or m:ss; "
+                         "lines starting with # are comments). Each prompt is encoded with the connected text "
+                         "encoder (CLIPLoader type wan). Times beyond the video's end are dropped with a warning."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="umT5-XXL text encoder from CLIPLoader with type wan."),
+                io.String.Input("text", multiline=True,
+                                default="0:00 a quiet street at dusk, warm lamps, light traffic\n"
+                                        "0:20 rain starts, neon reflections on the wet asphalt\n"
+                                        "0:45 the camera rises above the rooftops",
+                                tooltip="One prompt per line: TIME PROMPT, times increasing, the first at 0:00."),
+                *_options(),
+            ],
+            outputs=[RollingForcingPrompts.Output(display_name="prompts",
+                                                  tooltip="The schedule; connect to the sampler's positive input.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text=None, **_):
+        if text is not None:
+            try:
+                from ..rolling.prompts import parse_prompt_lines
+                parse_prompt_lines(text)
+            except ValueError as e:
+                return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, clip, text, transition, blend_seconds, recache) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("no text encoder connected: use CLIPLoader with type wan (umT5-XXL)")
+
+        def encode(prompt: str):
+            return logic.conditioning_tensor(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
+        return io.NodeOutput(story_segments(text, encode, transition=transition, blend_s=blend_seconds,
+                                            recache=recache))
