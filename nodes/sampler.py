@@ -7,20 +7,26 @@ over ComfyUI's own Wan module tree, decoding is ``nodes.stream_decode``.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
+from collections import deque
+from fractions import Fraction
 
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 import torch
 from comfy.cli_args import args
-from comfy_api.latest import io, ui
+from comfy_api.latest import InputImpl, Types, io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
 from PIL import Image
 
 from ..rolling.forward import WanArch
 from ..rolling.preview import latent_to_rgb
 from ..rolling.sampler import RollingSampler
+from ..rolling.schedule import pixel_frames
+from ..rolling.video import StreamingVideoWriter
 from . import logic
 from .cache_config import RollingForcingCache
 from .model_loader import model_problem
@@ -79,6 +85,16 @@ class RollingForcingSampler(io.ComfyNode):
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional Wan2.1 VAE (wan_2.1_vae.safetensors): each finished block is decoded "
                                      "right away, shown as the preview and returned as IMAGE."),
+                io.Boolean.Input("stream_to_disk", default=False, optional=True,
+                                 tooltip="For long videos (needs the VAE): write each decoded block to an MP4 in the "
+                                         "output folder as it is made (H.264, 16 fps, fragmented: playable even if "
+                                         "the run is cancelled or crashes). RAM stays bounded: IMAGE and LATENT then "
+                                         "hold only the last `keep_seconds`."),
+                io.String.Input("filename_prefix", default="video/rolling_forcing", optional=True,
+                                tooltip="Where stream_to_disk writes, relative to the output folder."),
+                io.Float.Input("keep_seconds", default=5.0, min=0.0, max=600.0, step=0.25, optional=True,
+                               tooltip="With stream_to_disk: how much of the end of the video the IMAGE and LATENT "
+                                       "outputs keep (0 = only the last block)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -89,6 +105,9 @@ class RollingForcingSampler(io.ComfyNode):
                                         "e.g. for Create Video."),
                 io.String.Output(display_name="info",
                                  tooltip="What the run did: frames, blocks, settings and memory estimate."),
+                io.Video.Output(display_name="video",
+                                tooltip="The video at 16 fps: the streamed MP4 file with stream_to_disk, otherwise "
+                                        "the decoded frames (needs the VAE)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -110,7 +129,8 @@ class RollingForcingSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, width: int, height: int, seconds: float, seed: int,
                 steps: str = logic.DEFAULT_STEPS_TEXT, cache: logic.CacheSettings | None = None,
-                vae=None) -> io.NodeOutput:
+                vae=None, stream_to_disk: bool = False, filename_prefix: str = "video/rolling_forcing",
+                keep_seconds: float = 5.0) -> io.NodeOutput:
         # ---- inputs
         cfg = logic.sampler_config(cache, steps)
         lat_h, lat_w = logic.latent_size(width, height)
@@ -134,6 +154,9 @@ class RollingForcingSampler(io.ComfyNode):
         if vae is not None:
             check_wan21_vae(vae)
         batch = ctx.shape[0]
+        if stream_to_disk and (vae is None or batch != 1):
+            raise ValueError("stream_to_disk needs a VAE (Load VAE with wan_2.1_vae.safetensors) and one prompt "
+                             f"(batch 1, got {batch}); connect the VAE or turn stream_to_disk off")
         device = model.load_device
         dtype = logic.compute_dtype(model.model.manual_cast_dtype, model.model.get_dtype(),
                                     mm.should_use_bf16(device))
@@ -152,8 +175,11 @@ class RollingForcingSampler(io.ComfyNode):
         for line in summary.splitlines():
             log.info("[RollingForcing] %s", line)
         logic.check_memory(est, mm.get_total_memory(device), str(device), after_weights=False)
+        keep_blocks = max(1, logic.plan_length(keep_seconds, cfg.frames_per_block).blocks) if keep_seconds > 0 else 1
+        keep_blocks = min(keep_blocks, plan.blocks) if stream_to_disk else plan.blocks
         if vae is not None:
-            logic.check_host_memory(plan.frames, width, height, batch, mm.get_free_memory(torch.device("cpu")))
+            logic.check_host_memory(pixel_frames(keep_blocks * cfg.frames_per_block) if stream_to_disk
+                                    else plan.frames, width, height, batch, mm.get_free_memory(torch.device("cpu")))
         mm.load_models_gpu([model] + ([vae.patcher] if vae is not None else []), memory_required=est.working)
         logic.check_memory(est, mm.get_free_memory(device), str(device))
 
@@ -161,11 +187,20 @@ class RollingForcingSampler(io.ComfyNode):
         out_dev = mm.intermediate_device()
         fmt = comfy.latent_formats.Wan21()
         fb = cfg.frames_per_block
-        latent = torch.empty((batch, arch.out_dim, plan.latent_frames, lat_h, lat_w), dtype=torch.float32,
-                             device=out_dev)
-        images = None
-        if vae is not None:
-            images = torch.empty((batch, plan.frames, height, width, 3), dtype=torch.float32, device=out_dev)
+        latent = images = writer = video_path = None
+        kept_latents, kept_frames = deque(maxlen=keep_blocks), deque(maxlen=keep_blocks)
+        if not stream_to_disk:
+            latent = torch.empty((batch, arch.out_dim, plan.latent_frames, lat_h, lat_w), dtype=torch.float32,
+                                 device=out_dev)
+            if vae is not None:
+                images = torch.empty((batch, plan.frames, height, width, 3), dtype=torch.float32, device=out_dev)
+        else:
+            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+                filename_prefix, folder_paths.get_output_directory(), width, height)
+            video_file = f"{name}_{counter:05}_.mp4"
+            video_path = os.path.join(folder, video_file)
+            writer = StreamingVideoWriter(video_path, width, height, fps=plan.fps, check_space_frames=plan.frames)
+            log.info("[RollingForcing] streaming to %s", video_path)
         pbar = comfy.utils.ProgressBar(plan.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
         sampler = decoder = stream = None
         written = 0
@@ -181,10 +216,17 @@ class RollingForcingSampler(io.ComfyNode):
                     log.info("[RollingForcing] block %d/%d: now generating %r", blk.index + 1, plan.blocks, segment)
                 raw = fmt.process_out(blk.latents.float())
                 f0 = blk.index * fb
-                latent[:, :, f0:f0 + fb] = raw.to(out_dev)
+                if latent is not None:
+                    latent[:, :, f0:f0 + fb] = raw.to(out_dev)
+                else:
+                    kept_latents.append(raw.to(out_dev))
                 if decoder is not None:
                     frames = decoder.decode(raw)  # [B, t, H, W, 3]
-                    images[:, written:written + frames.shape[1]] = frames
+                    if writer is not None:
+                        writer.write(frames[0])
+                        kept_frames.append(frames)
+                    else:
+                        images[:, written:written + frames.shape[1]] = frames
                     written += frames.shape[1]
                     preview = _to_pil(frames[0, -1])
                 else:
@@ -196,6 +238,8 @@ class RollingForcingSampler(io.ComfyNode):
             # is done with the exception (the finished frames' locals: KV cache, activations; and ours)
             traceback.clear_frames(e.__traceback__)
             latent = images = ctx = None  # noqa: F841
+            kept_latents.clear()
+            kept_frames.clear()
             raise
         finally:
             if stream is not None:
@@ -204,14 +248,30 @@ class RollingForcingSampler(io.ComfyNode):
                 sampler.cache = None
             if decoder is not None:
                 decoder.close()
+            if writer is not None:
+                writer.close()  # also on cancel or error: the file keeps every finished block and stays playable
             sampler = decoder = stream = None
             mm.soft_empty_cache()
 
         info = summary + f"\nfinished {plan.blocks} block(s) -> {plan.frames} frames"
         log.info("[RollingForcing] finished %d block(s) -> %d frames", plan.blocks, plan.frames)
-        out_images = images.reshape(batch * plan.frames, height, width, 3) if images is not None \
+        if writer is not None:
+            latent = torch.cat(list(kept_latents), dim=2)
+            images = torch.cat(list(kept_frames), dim=1)
+            info += f"\nstreamed to {video_path}; IMAGE/LATENT keep the last {images.shape[1]} frames"
+        n = images.shape[1] if images is not None else 0
+        out_images = images.reshape(batch * n, height, width, 3) if images is not None \
             else ExecutionBlocker(NO_VAE_MESSAGE)
-        return io.NodeOutput({"samples": latent}, out_images, info, ui=ui.PreviewText(info))
+        if writer is not None:
+            video = InputImpl.VideoFromFile(video_path)
+            shown = ui.PreviewVideo([ui.SavedResult(video_file, subfolder, io.FolderType.output)])
+        elif images is not None:
+            video = InputImpl.VideoFromComponents(Types.VideoComponents(images=out_images[:n],
+                                                                        frame_rate=Fraction(plan.fps)))
+            shown = ui.PreviewText(info)
+        else:
+            video, shown = ExecutionBlocker(NO_VAE_MESSAGE), ui.PreviewText(info)
+        return io.NodeOutput({"samples": latent}, out_images, info, video, ui=shown)
 
 
 def _check_interrupt(_record) -> None:

@@ -382,7 +382,8 @@ def t2v_api(upscale: bool | str = False) -> dict:
                          "update_mode": "reference", "rope_mode": "reference"}},
         "6": {"class_type": "RollingForcingSampler", "_meta": {"title": "Rolling Forcing Sampler"},
               "inputs": {"model": ["1", 0], "positive": ["3", 0], "width": 832, "height": 480, "seconds": 5.0,
-                         "seed": 42, "steps": "1000,800,600,400,200", "cache": ["5", 0], "vae": ["4", 0]}},
+                         "seed": 42, "steps": "1000,800,600,400,200", "cache": ["5", 0], "vae": ["4", 0],
+                         "stream_to_disk": False, "filename_prefix": "video/rolling_forcing", "keep_seconds": 5.0}},
         "7": {"class_type": "CreateVideo", "_meta": {"title": "Create Video"},
               "inputs": {"images": ["6", 1], "fps": 16.0}},
         "8": {"class_type": "SaveVideo", "_meta": {"title": "Save Video"},
@@ -395,6 +396,12 @@ def t2v_api(upscale: bool | str = False) -> dict:
                              "recache": "none"}}
         g["6"]["inputs"]["seconds"] = 12.0
         g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_story"
+    if variant == "long_stream":
+        g["6"]["inputs"].update(seconds=600.0, stream_to_disk=True, filename_prefix="video/rolling_forcing_long",
+                                keep_seconds=5.0)
+        g["7"]["_meta"]["title"] = "Create Video (the last keep_seconds)"
+        g["8"]["_meta"]["title"] = "Save the tail (the whole video is already in output/video)"
+        g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_long_tail"
     if variant == "upscale":
         g["9"] = {"class_type": "ImageScaleBy", "_meta": {"title": "Upscale 1.5x (to 1248x720)"},
                   "inputs": {"image": ["6", 1], "upscale_method": "lanczos", "scale_by": 1.5}}
@@ -404,12 +411,17 @@ def t2v_api(upscale: bool | str = False) -> dict:
 
 
 WORKFLOW_FILES = {"rolling_forcing_t2v.json": False, "rolling_forcing_upscale.json": True,
-                  "rolling_forcing_prompt_story.json": "story"}
+                  "rolling_forcing_prompt_story.json": "story", "rolling_forcing_long_stream.json": "long_stream"}
 
 NOTE_STORY = ("\n\nPrompt story: one prompt per line, each starting with its time (seconds or m:ss). Each line "
               "is encoded with the text encoder; switches snap to the nearest 0.75 s block boundary, and the "
               "sampler's info output shows where each landed. Transitions: cut, blend (over blend_seconds), and "
               "recache (keep_sink for a new action in the same scene, reanchor for a scene change).")
+
+NOTE_LONG = ("\n\nLong stream: the sampler writes each decoded block to output/video/rolling_forcing_long_*.mp4 "
+             "as it is made (fragmented MP4: playable at any moment, also after Cancel or a crash) and keeps only "
+             "the last keep_seconds in RAM, so 10 minutes or an hour run with bounded memory. The whole file shows "
+             "in the sampler's preview when the run ends; Save Video stores just the tail.")
 
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -677,7 +689,8 @@ def regenerate_workflows() -> None:
     with tempfile.TemporaryDirectory(prefix="rf_wf_") as tmp, ComfyServer(Path(tmp)) as server, \
             frontend(server) as page:
         for name, upscale in WORKFLOW_FILES.items():
-            note = NOTE_TEXT + (NOTE_UPSCALE if upscale is True else "") + (NOTE_STORY if upscale == "story" else "")
+            note = NOTE_TEXT + (NOTE_UPSCALE if upscale is True else "") + (NOTE_STORY if upscale == "story" else "") \
+                + (NOTE_LONG if upscale == "long_stream" else "")
             ui = add_model_properties(frontend_api_to_ui(page, t2v_api(upscale), note))
             ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"rolling-forcing/workflows/{name}"))
             (WORKFLOWS / name).write_text(json.dumps(ui, indent=2) + "\n")

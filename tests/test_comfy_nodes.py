@@ -60,11 +60,13 @@ def sampler(unique_id="6"):
     return H.node_class("RollingForcingSampler").PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
 
 
-def run_sampler(model, cond, vae=None, **kw):
+def run_sampler(model, cond, vae=None, full=False, **kw):
+    """(latent, images, info), or with ``full`` also the video output and the ui dict."""
     args = {**SMALL, "seed": 3, **kw}
     with torch.inference_mode():
-        return sampler().execute(model, cond, args.pop("width"), args.pop("height"), args.pop("seconds"),
-                                 args.pop("seed"), vae=vae, **args).result
+        out = sampler().execute(model, cond, args.pop("width"), args.pop("height"), args.pop("seconds"),
+                                args.pop("seed"), vae=vae, **args)
+    return (*out.result, out.ui) if full else out.result[:3]
 
 
 # ----------------------------------------------------------------------------- loading and schema
@@ -445,6 +447,22 @@ def test_upscale_workflow_runs_end_to_end(cu):
         assert sum(1 for _ in c.decode(video=0)) == 21
 
 
+def test_long_stream_workflow_runs_end_to_end(cu):
+    """The long-stream graph (tiny, 15 s): the file holds every frame; RAM keeps only the last 5 s."""
+
+    from rolling.video import probe_frame_count
+    api = _inject(H.ui_to_api(H.load_workflow("rolling_forcing_long_stream.json"), H.node_info))
+    api["6"]["inputs"].update(seconds=15.0)  # 21 blocks = 63 latent frames = 249 frames
+    ex, valid, srv = H.run_prompt(api)
+    assert ex.success, srv.messages[-3:]
+    out = ex.history_result["outputs"]
+    path = _video_file(cu, out["6"])
+    assert path.name.startswith("rolling_forcing_long_") and probe_frame_count(str(path)) == 249
+    tail = _video_file(cu, out["8"])
+    assert tail.name.startswith("rolling_forcing_long_tail") and probe_frame_count(str(tail)) == 84
+    print(f"\nlong stream (tiny, 15 s): {path.name} 249 frames, tail {tail.name} 84 frames")
+
+
 # ----------------------------------------------------------------------------- prompt schedules
 
 def test_prompt_segments_switch_where_asked(cu, model, cond):
@@ -479,3 +497,50 @@ def test_prompt_story_node_encodes_each_line(cu):
     assert calls == ["a street", "rain starts"]
     assert [s.start_s for s in pl.segments] == [0.0, 20.0] and pl.segments[1].transition == "blend"
     assert story.validate_inputs(text="0:10 late start") != True  # noqa: E712
+
+
+# ----------------------------------------------------------------------------- streaming to disk
+
+def test_stream_to_disk_writes_playable_file_with_bounded_outputs(cu, model, vae, cond, tmp_path, monkeypatch):
+    import folder_paths
+
+    from rolling.video import probe_frame_count
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    full = run_sampler(model, cond, vae=vae, seconds=3.0)  # 5 blocks = 15 latent frames = 57 frames
+    latent, images, info, video, shown = run_sampler(model, cond, vae=vae, seconds=3.0, full=True,
+                                                     stream_to_disk=True, filename_prefix="video/rf_test",
+                                                     keep_seconds=1.0)
+    files = sorted((tmp_path / "video").glob("rf_test_*.mp4"))
+    assert len(files) == 1 and probe_frame_count(str(files[0])) == 57
+    # bounded outputs: the last 2 blocks (1 s -> 2 blocks) = 6 latent frames = 24 frames
+    assert latent["samples"].shape[2] == 6 and images.shape[0] == 24
+    assert torch.equal(latent["samples"], full[0]["samples"][:, :, -6:])
+    assert torch.equal(images, full[1][-24:])
+    assert video.get_components().images.shape[0] == 57
+    assert shown.as_dict()["images"][0]["filename"] == files[0].name
+    with pytest.raises(ValueError, match="stream_to_disk needs a VAE"):
+        run_sampler(model, cond, seconds=1.0, stream_to_disk=True)
+
+
+def test_cancel_while_streaming_leaves_playable_file(cu, model, vae, cond, tmp_path, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+
+    from rolling.video import probe_frame_count
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    old = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(v, t, p, node_id=None, **kw):
+        if v == 3:
+            mm.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_sampler(model, cond, vae=vae, seconds=6.0, stream_to_disk=True, filename_prefix="video/rf_cancel")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    files = sorted((tmp_path / "video").glob("rf_cancel_*.mp4"))
+    assert len(files) == 1
+    assert probe_frame_count(str(files[0])) >= 9 + 12 + 12  # the 3 blocks finished before Cancel

@@ -44,7 +44,7 @@ def test_links_are_consistent(workflow):
         inp = nodes[dst]["inputs"][dst_slot]
         assert link_id in out["links"] and inp["link"] == link_id
         # an input that accepts several types (e.g. CONDITIONING,ROLLING_FORCING_PROMPTS) names them all
-        assert inp["type"] == typ and out["type"] in typ.split(",")
+        assert inp["type"] == typ and (typ == "*" or out["type"] in typ.split(","))
 
 
 def _by_type(ui, typ):
@@ -63,14 +63,17 @@ def test_graph_shape(workflow):
     name, upscale, ui = workflow
     types = sorted(n["type"] for n in ui["nodes"])
     prompt_node = "RollingForcingPromptStory" if upscale == "story" else "CLIPTextEncode"
-    expected = ["CLIPLoader", prompt_node, "CreateVideo", "Note", "RollingForcingCacheConfig",
-                "RollingForcingModelLoader", "RollingForcingSampler", "SaveVideo", "VAELoader"]
+    outs = ["CreateVideo", "SaveVideo"]
+    expected = ["CLIPLoader", prompt_node, "Note", "RollingForcingCacheConfig",
+                "RollingForcingModelLoader", "RollingForcingSampler", "VAELoader"] + outs
     assert types == sorted(expected + (["ImageScaleBy"] if upscale is True else []))
     sampler = _by_type(ui, "RollingForcingSampler")
     assert _source(ui, sampler, "model")[0]["type"] == "RollingForcingModelLoader"
     assert _source(ui, sampler, "positive")[0]["type"] == prompt_node
     assert _source(ui, sampler, "cache")[0]["type"] == "RollingForcingCacheConfig"
     assert _source(ui, sampler, "vae")[0]["type"] == "VAELoader"
+    if upscale == "long_stream":
+        assert sampler["widgets_values"][-3:] == [True, "video/rolling_forcing_long", 5]
     create = _by_type(ui, "CreateVideo")
     src, slot = _source(ui, create, "images")
     if upscale is True:
