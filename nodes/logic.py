@@ -226,6 +226,20 @@ def plan_length(seconds: float, frames_per_block: int = 3) -> LengthPlan:
     return LengthPlan(float(seconds), blocks, latent, pixel_frames(latent))
 
 
+def extend_latents(latent, batch: int, channels: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """The frames of a LATENT to continue from, checked against the run: [B, C, F, H/8, W/8]."""
+    x = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(x, torch.Tensor) or x.ndim != 5:
+        raise ValueError("extend_from must be a video LATENT [batch, 16, frames, height/8, width/8] (e.g. a Rolling "
+                         "Forcing LATENT or a Wan2.1 VAE Encode of a clip or image)")
+    if x.shape[1] != channels or tuple(x.shape[3:]) != (lat_h, lat_w):
+        raise ValueError(f"extend_from is {list(x.shape)} but this run needs [*, {channels}, *, {lat_h}, {lat_w}]: "
+                         f"use the same width/height ({lat_w * 8}x{lat_h * 8}) as the latent you continue")
+    if x.shape[0] not in (1, batch):
+        raise ValueError(f"extend_from has batch {x.shape[0]}, the prompt batch is {batch}")
+    return x
+
+
 # ----------------------------------------------------------------------------- conditioning
 
 def conditioning_tensor(conditioning) -> torch.Tensor:

@@ -95,6 +95,10 @@ class RollingForcingSampler(io.ComfyNode):
                 io.Float.Input("keep_seconds", default=5.0, min=0.0, max=600.0, step=0.25, optional=True,
                                tooltip="With stream_to_disk: how much of the end of the video the IMAGE and LATENT "
                                        "outputs keep (0 = only the last block)."),
+                io.Latent.Input("extend_from", optional=True,
+                                tooltip="Continue a video: Wan2.1 latent frames (e.g. a previous run's LATENT, an "
+                                        "encoded clip, or one encoded image) are written into the cache first and "
+                                        "`seconds` of new video follow them. The outputs hold the new part only."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -130,7 +134,7 @@ class RollingForcingSampler(io.ComfyNode):
     def execute(cls, model, positive, width: int, height: int, seconds: float, seed: int,
                 steps: str = logic.DEFAULT_STEPS_TEXT, cache: logic.CacheSettings | None = None,
                 vae=None, stream_to_disk: bool = False, filename_prefix: str = "video/rolling_forcing",
-                keep_seconds: float = 5.0) -> io.NodeOutput:
+                keep_seconds: float = 5.0, extend_from=None) -> io.NodeOutput:
         # ---- inputs
         cfg = logic.sampler_config(cache, steps)
         lat_h, lat_w = logic.latent_size(width, height)
@@ -201,6 +205,12 @@ class RollingForcingSampler(io.ComfyNode):
             video_path = os.path.join(folder, video_file)
             writer = StreamingVideoWriter(video_path, width, height, fps=plan.fps, check_space_frames=plan.frames)
             log.info("[RollingForcing] streaming to %s", video_path)
+        prefix, skip = None, 0
+        if extend_from is not None:
+            prefix = logic.extend_latents(extend_from, batch, arch.out_dim, lat_h, lat_w)
+            prefix = fmt.process_in(prefix.float())
+            skip = -(-prefix.shape[2] // fb)  # blocks the given frames fill
+            log.info("[RollingForcing] extending %d given latent frame(s) (%d block(s))", prefix.shape[2], skip)
         pbar = comfy.utils.ProgressBar(plan.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
         sampler = decoder = stream = None
         written = 0
@@ -208,14 +218,15 @@ class RollingForcingSampler(io.ComfyNode):
             sampler = RollingSampler(dm, cfg, height=lat_h, width=lat_w, batch=batch, device=device, dtype=dtype,
                                      attention=attention, seed=seed, on_call=_check_interrupt)
             decoder = StreamingVAEDecoder(vae) if vae is not None else None
-            stream = sampler.stream(schedule if schedule is not None else ctx, plan.blocks)
+            stream = sampler.stream(schedule if schedule is not None else ctx, plan.blocks + skip, prefix=prefix)
             segment = None
             for blk in stream:
                 if schedule is not None and blk.segment != segment:
                     segment = blk.segment
-                    log.info("[RollingForcing] block %d/%d: now generating %r", blk.index + 1, plan.blocks, segment)
+                    log.info("[RollingForcing] block %d/%d: now generating %r", blk.index - skip + 1, plan.blocks,
+                             segment)
                 raw = fmt.process_out(blk.latents.float())
-                f0 = blk.index * fb
+                f0 = (blk.index - skip) * fb
                 if latent is not None:
                     latent[:, :, f0:f0 + fb] = raw.to(out_dev)
                 else:
@@ -231,7 +242,7 @@ class RollingForcingSampler(io.ComfyNode):
                     preview = _to_pil(frames[0, -1])
                 else:
                     preview = Image.fromarray(latent_to_rgb(blk.latents[:1, :, -1:].float())[0].numpy())
-                pbar.update_absolute(blk.index + 1, plan.blocks, ("JPEG", preview, args.preview_size))
+                pbar.update_absolute(blk.index - skip + 1, plan.blocks, ("JPEG", preview, args.preview_size))
                 mm.throw_exception_if_processing_interrupted()
         except BaseException as e:
             # an interruption or error: drop what the traceback would otherwise keep alive until ComfyUI

@@ -167,7 +167,34 @@ class RFTestRandomWanVAE:
         return (_VAES[seed],)
 
 
-NODE_CLASS_MAPPINGS = {"RFTestPromptEmbedding": RFTestPromptEmbedding, "RFTestRandomWanVAE": RFTestRandomWanVAE}
+class _FakeWanClip:
+    """Stands in for the umT5-XXL CLIP object: each prompt text -> a seeded random [1, 512, 4096] embedding."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)))
+        c = torch.zeros(1, 512, 4096)
+        c[:, :12] = torch.randn(1, 12, 4096, generator=g)
+        return [[c, {"pooled_output": None}]]
+
+
+class RFTestClip:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self):
+        return (_FakeWanClip(),)
+
+
+NODE_CLASS_MAPPINGS = {"RFTestPromptEmbedding": RFTestPromptEmbedding, "RFTestRandomWanVAE": RFTestRandomWanVAE,
+                       "RFTestClip": RFTestClip}
 '''
 
 

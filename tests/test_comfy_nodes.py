@@ -463,6 +463,39 @@ def test_long_stream_workflow_runs_end_to_end(cu):
     print(f"\nlong stream (tiny, 15 s): {path.name} 249 frames, tail {tail.name} 84 frames")
 
 
+def test_prompt_story_workflow_runs_end_to_end(cu):
+    """The story graph with a stand-in text encoder: three timed prompts, 12 s, a playable video."""
+    from rolling.video import probe_frame_count
+    api = H.ui_to_api(H.load_workflow("rolling_forcing_prompt_story.json"), H.node_info)
+    api["2"] = {"class_type": "RFTestClip", "inputs": {}}
+    api["4"] = {"class_type": "RFTestRandomWanVAE", "inputs": {"seed": 0}}
+    api["6"]["inputs"].update(width=SMALL["width"], height=SMALL["height"], seed=3)
+    ex, valid, srv = H.run_prompt(api)
+    assert ex.success, srv.messages[-3:]
+    out = ex.history_result["outputs"]
+    assert probe_frame_count(str(_video_file(cu, out["8"]))) == 201  # 12 s -> 17 blocks -> 201 frames
+    info = out["6"]["text"][0]
+    assert "0:04.31 (block 6, blend over 2 block(s))" in info and "0:08.06 (block 11" in info
+
+
+def test_extend_from_a_latent(cu, model, cond):
+    """A LATENT continues: 2 given blocks, then 2 new ones; equal to the core's prefix run."""
+    import comfy.latent_formats
+
+    pack = cu["pack"]
+    first = run_sampler(model, cond, seconds=1.0)[0]  # 2 blocks = 6 latent frames
+    latent, _, info = run_sampler(model, cond, seconds=1.0, extend_from=first)
+    assert latent["samples"].shape[2] == 6
+    core = pack.rolling.sampler.RollingSampler(model.model.diffusion_model, pack.rolling.config.RollingConfig(),
+                                               height=4, width=4, device="cpu", dtype=torch.float32, seed=3)
+    fmt = comfy.latent_formats.Wan21()
+    with torch.inference_mode():
+        ref = core.generate(cond[0][0], 4, prefix=fmt.process_in(first["samples"]))
+    assert torch.allclose(latent["samples"], fmt.process_out(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="same width/height"):
+        run_sampler(model, cond, seconds=1.0, width=64, extend_from=first)
+
+
 # ----------------------------------------------------------------------------- prompt schedules
 
 def test_prompt_segments_switch_where_asked(cu, model, cond):
