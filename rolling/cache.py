@@ -280,22 +280,26 @@ class RollingKVCache:
             return self.sink_k[layer], self.sink_v[layer], self._sink_slot(block) * self.bt
         return self.ring_k[layer], self.ring_v[layer], self._ring_slot(block) * self.bt
 
+    def write(self, layer: int, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the plan's blocks from one layer's un-rotated k, v [B, L, H, D] (K rotated first where
+        the cache keeps it rotated)."""
+        tpf, fb = self.tpf, self.fb
+        for (b, f0), (where, slot) in zip(plan.writes, plan.targets):  # type: ignore[attr-defined]
+            kb, vb = k[:, f0 * tpf:(f0 + fb) * tpf], v[:, f0 * tpf:(f0 + fb) * tpf]
+            if self._stored_rotated(where == "sink"):
+                kb = apply_rope(kb, *plan.table(plan.frame_pos[f0], fb))  # type: ignore[attr-defined]
+            store_k, store_v = (self.sink_k, self.sink_v) if where == "sink" else (self.ring_k, self.ring_v)
+            t0 = slot * self.bt
+            store_k[layer][:, t0:t0 + self.bt].copy_(kb)
+            store_v[layer][:, t0:t0 + self.bt].copy_(vb)
+
     def attend(self, layer: int, plan: ForwardPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn) -> torch.Tensor:
         """Self-attention of one layer. q, k, v: [B, L, H, D] un-rotated, for the plan's input tokens.
         Writes the plan's blocks into the cache, then attends per query group. Returns [B, L, H, D]."""
         tpf, fb = self.tpf, self.fb
         table = plan.table  # type: ignore[attr-defined]
-        for (b, f0), (where, slot) in zip(plan.writes, plan.targets):  # type: ignore[attr-defined]
-            kb, vb = k[:, f0 * tpf:(f0 + fb) * tpf], v[:, f0 * tpf:(f0 + fb) * tpf]
-            if self._stored_rotated(where == "sink"):
-                kb = apply_rope(kb, *table(plan.frame_pos[f0], fb))
-            if where == "sink":
-                ks, vs, t0 = self.sink_k[layer], self.sink_v[layer], slot * self.bt
-            else:
-                ks, vs, t0 = self.ring_k[layer], self.ring_v[layer], slot * self.bt
-            ks[:, t0:t0 + self.bt].copy_(kb)
-            vs[:, t0:t0 + self.bt].copy_(vb)
+        self.write(layer, plan, k, v)
         if len(plan.groups) == 1 and plan.groups[0].q0 == 0 and plan.groups[0].q1 == plan.num_frames:
             out = None
         else:

@@ -103,15 +103,4 @@ class TrainKVCache(RollingKVCache):
     @torch.no_grad()
     def write(self, layer: int, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the plan's blocks from this layer's un-rotated k, v [B, L, H, D] (detached copies)."""
-        tpf, fb = self.tpf, self.fb
-        table = plan.table  # type: ignore[attr-defined]
-        for (b, f0), (where, slot) in zip(plan.writes, plan.targets):  # type: ignore[attr-defined]
-            kb, vb = k[:, f0 * tpf:(f0 + fb) * tpf], v[:, f0 * tpf:(f0 + fb) * tpf]
-            if self._stored_rotated(where == "sink"):
-                kb = apply_rope(kb, *table(plan.frame_pos[f0], fb))
-            if where == "sink":
-                ks, vs, t0 = self.sink_k[layer], self.sink_v[layer], slot * self.bt
-            else:
-                ks, vs, t0 = self.ring_k[layer], self.ring_v[layer], slot * self.bt
-            ks[:, t0:t0 + self.bt].copy_(kb.detach())
-            vs[:, t0:t0 + self.bt].copy_(vb.detach())
+        super().write(layer, plan, k.detach(), v.detach())
