@@ -242,6 +242,8 @@ class RollingForcingSampler(io.ComfyNode):
                     preview = _to_pil(frames[0, -1])
                 else:
                     preview = Image.fromarray(latent_to_rgb(blk.latents[:1, :, -1:].float())[0].numpy())
+                if schedule is not None:
+                    _label(preview, blk.segment)
                 pbar.update_absolute(blk.index - skip + 1, plan.blocks, ("JPEG", preview, args.preview_size))
                 mm.throw_exception_if_processing_interrupted()
         except BaseException as e:
@@ -288,6 +290,16 @@ class RollingForcingSampler(io.ComfyNode):
 def _check_interrupt(_record) -> None:
     """Called by the core before every DiT forward (each window and each cache update)."""
     mm.throw_exception_if_processing_interrupted()
+
+
+def _label(image: Image.Image, text: str) -> None:
+    """Write the prompt segment's name into the preview's top-left corner (in place)."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(image)
+    box = draw.textbbox((2, 2), text)
+    draw.rectangle((0, 0, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+    draw.text((2, 2), text, fill=(255, 255, 255))
 
 
 def _to_pil(frame: torch.Tensor) -> Image.Image:

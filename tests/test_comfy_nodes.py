@@ -498,7 +498,7 @@ def test_extend_from_a_latent(cu, model, cond):
 
 # ----------------------------------------------------------------------------- prompt schedules
 
-def test_prompt_segments_switch_where_asked(cu, model, cond):
+def test_prompt_segments_switch_where_asked(cu, model, cond, progress):
     """A two-segment schedule: blocks before the switch's first window equal a single-prompt run."""
     other = H.node_class("RFTestPromptEmbedding")().run(7, 12, 4096)[0]
     seg = H.node_class("RollingForcingPromptSegment")
@@ -506,12 +506,16 @@ def test_prompt_segments_switch_where_asked(cu, model, cond):
     both = seg.execute(other, "0:05", "cut", 2.0, "keep_sink", "rain", previous=first)[0]
     kw = dict(seconds=8.0)
     single = run_sampler(model, cond, **kw)[0]["samples"]
+    progress.clear()
     out = run_sampler(model, both, **kw)
     sched = out[0]["samples"]
     # 0:05 -> block 7 (starts at 5.06 s); windows 0..6 finish blocks 0..2 untouched
     assert torch.equal(sched[:, :, :9], single[:, :, :9])
     assert not torch.allclose(sched[:, :, 24:], single[:, :, 24:])
     assert "block 7, cut, recache keep_sink) rain" in out[2]
+    # previews carry the segment's name: the top-left corner is the label box, unlike the plain run's
+    labelled = [p for v, t, p, _ in progress if t == 11]
+    assert len(labelled) == 11 and labelled[0][1].getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_prompt_story_node_encodes_each_line(cu):
