@@ -48,8 +48,6 @@ def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: 
     s = RollingSampler(model, rc, height=hw[0], width=hw[1], device="meta", dtype=torch.bfloat16,
                        noise=MetaNoise(), on_call=calls.append)
     probe = OpProbe("meta")
-    flops = FlopCounterMode(display=False)
-    per_block = []
     steady = {}
     it = s.stream(_context(wc.text_dim, "meta", torch.bfloat16), blocks)
     total_syncs = 0
@@ -64,7 +62,6 @@ def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: 
                     total_syncs += probe.num_syncs
                     break
             total_syncs += probe.num_syncs
-            per_block.append(blk.index)
             if blk.index == steady_block:
                 steady = {"flops": fc.get_total_flops(), "syncs": probe.num_syncs, "ops": probe.ops,
                           "f64": sum(probe.f64.values()), "forwards": s.forwards - f0, "sync_ops": dict(probe.syncs),
@@ -74,7 +71,7 @@ def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: 
     return {"forwards_per_block": s.forwards / blocks, "query_tokens_per_block": fwd_frames * tpf / blocks,
             "steady_forwards_per_block": steady["forwards"],
             "steady_query_tokens_per_block": steady["frames"] * tpf,
-            "flops_per_block": steady["flops"], "flops_per_frame": steady["flops"] / 12,
+            "flops_per_block": steady["flops"], "flops_per_frame": steady["flops"] / (4 * rc.frames_per_block),
             "host_syncs_per_window": steady["syncs"], "host_syncs_total": total_syncs,
             "aten_ops_per_window": steady["ops"], "float64_tensors_per_window": steady["f64"],
             "count_blocks": blocks}

@@ -111,7 +111,6 @@ class RollingKVCache:
         self.sink_ids = list(range(self.cfg.sink_blocks))  # block held (or to be held) by each sink slot
         self.sink_written = [False] * self.cfg.sink_blocks
         self.sink_pending: list[int] = []  # re-anchor targets: these blocks go to the sink when written
-        self.latest = -1  # newest block written
 
     def reanchor(self, first_block: int) -> None:
         """Scene change: blocks ``first_block ..`` (sink_blocks of them) replace the sink when written;
@@ -122,15 +121,13 @@ class RollingKVCache:
         """Full cache state (tensors are the live buffers: clone before mutating the cache further)."""
         return {"sink_k": self.sink_k, "sink_v": self.sink_v, "ring_k": self.ring_k, "ring_v": self.ring_v,
                 "slot_block": list(self.slot_block), "sink_ids": list(self.sink_ids),
-                "sink_written": list(self.sink_written), "sink_pending": list(self.sink_pending),
-                "latest": self.latest}
+                "sink_written": list(self.sink_written), "sink_pending": list(self.sink_pending)}
 
     def load_state_dict(self, st: dict) -> None:
         for k in ("sink_k", "sink_v", "ring_k", "ring_v"):
             getattr(self, k).copy_(st[k])
         self.slot_block, self.sink_ids = list(st["slot_block"]), list(st["sink_ids"])
         self.sink_written, self.sink_pending = list(st["sink_written"]), list(st["sink_pending"])
-        self.latest = int(st["latest"])
 
     def cached_blocks(self) -> list[int]:
         """Blocks whose K/V are in the cache (sink first, then the ring, oldest first)."""
@@ -248,7 +245,6 @@ class RollingKVCache:
             else:
                 self.slot_block[self._ring_slot(b)] = b
                 plan.targets.append(("ring", self._ring_slot(b)))
-            self.latest = max(self.latest, b)
 
     def _finish(self, plan: ForwardPlan) -> ForwardPlan:
         relative = self.cfg.rope_mode == "relative"

@@ -30,7 +30,7 @@ from .config import RollingConfig
 from .forward import TextContext, TimeEmbedder, WanArch, forward
 from .noise import NoiseSource, SeededNoise
 from .prompts import PromptSchedule
-from .schedule import FlowSchedule, Window, add_noise, x0_from_flow
+from .schedule import FlowSchedule, Window, add_noise, num_windows, window_at, x0_from_flow
 
 STATE_VERSION = 1
 
@@ -203,13 +203,8 @@ class RollingSampler:
         if self.on_call is not None:
             self.on_call(CallRecord(start_frame, num_frames, updating, tuple(timesteps), self.forwards, text, kind))
 
-    def num_windows(self, st: RunState) -> int | None:
-        return None if st.num_blocks is None else st.num_blocks + self.cfg.num_steps - 1
-
     def _window(self, st: RunState, w: int) -> Window:
-        T = self.cfg.num_steps
-        last = w if st.num_blocks is None else min(st.num_blocks - 1, w)
-        return Window(w, max(st.first_block, w - T + 1), last, T)
+        return window_at(w, st.num_blocks, self.cfg.num_steps, st.first_block)
 
     def _keep_clean(self, st: RunState, block: int, latent: torch.Tensor) -> None:
         st.clean[block] = latent
@@ -291,7 +286,7 @@ class RollingSampler:
         """Build the time embeddings and sigma tables of every window shape up front (ramp-up, steady,
         ramp-down; with and without a fused clean block), so nothing is allocated late in a run."""
         fb, T = self.cfg.frames_per_block, self.cfg.num_steps
-        nw = self.num_windows(st)
+        nw = num_windows(st.num_blocks, T)
         ws = set(range(st.first_block, st.first_block + 2 * T))
         if nw is not None:
             ws = {w for w in ws | set(range(nw - T, nw)) if st.window <= w < nw}
@@ -309,7 +304,7 @@ class RollingSampler:
         self._warm(st)
         switches = self.prompts.switches()
         t_start = time.perf_counter()
-        nw = self.num_windows(st)
+        nw = num_windows(st.num_blocks, T)
         while nw is None or st.window < nw:
             win = self._window(st, st.window)
             recache = switches.get(win.new_block) if win.new_block is not None else None

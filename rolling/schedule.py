@@ -87,19 +87,20 @@ class Window:
         return b if self.first <= b <= self.last else None
 
 
-def num_windows(num_blocks: int, num_steps: int) -> int:
-    return num_blocks + num_steps - 1
+def num_windows(num_blocks: int | None, num_steps: int) -> int | None:
+    """Windows of a video of ``num_blocks`` blocks (None for an unbounded stream)."""
+    return None if num_blocks is None else num_blocks + num_steps - 1
 
 
-def window_at(w: int, num_blocks: int | None, num_steps: int) -> Window:
-    """Window ``w``: blocks max(0, w - T + 1) .. min(num_blocks - 1, w).
+def window_at(w: int, num_blocks: int | None, num_steps: int, first_block: int = 0) -> Window:
+    """Window ``w``: blocks max(first_block, w - T + 1) .. min(num_blocks - 1, w).
 
     Unlike the reference (which breaks below T blocks), this closed form is right for any
     ``num_blocks >= 1``: each block b is denoised at step w - b in windows b .. b + T - 1.
-    ``num_blocks=None`` means an unbounded stream.
+    ``num_blocks=None`` means an unbounded stream; blocks before ``first_block`` were given (a prefix).
     """
     last = w if num_blocks is None else min(num_blocks - 1, w)
-    return Window(w, max(0, w - num_steps + 1), last, num_steps)
+    return Window(w, max(first_block, w - num_steps + 1), last, num_steps)
 
 
 def iter_windows(num_blocks: int | None, num_steps: int, start: int = 0) -> Iterator[Window]:
@@ -130,6 +131,3 @@ def blocks_for_seconds(seconds: float, fps: float = PIXEL_FPS, frames_per_block:
 def seconds_for_blocks(num_blocks: int, fps: float = PIXEL_FPS, frames_per_block: int = 3) -> float:
     return pixel_frames(num_blocks * frames_per_block) / fps
 
-
-def latent_frame_to_block(frame: int, frames_per_block: int = 3) -> int:
-    return frame // frames_per_block
