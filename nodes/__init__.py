@@ -18,8 +18,7 @@ from __future__ import annotations
 import importlib.util
 
 if importlib.util.find_spec("comfy_api") is not None:
-    from comfy_api.latest import ComfyExtension, io
-
+    from .comfy_adapter import ComfyExtension, io
     from .cache_config import RollingForcingCacheConfig
     from .model_loader import RollingForcingModelLoader
     from .prompt_nodes import RollingForcingPromptSegment, RollingForcingPromptStory

@@ -5,9 +5,10 @@ reproduce the published sampler; the sampler uses the defaults when nothing is c
 """
 from __future__ import annotations
 
-from comfy_api.latest import io
-
+from . import comfy_adapter as comfy
 from . import logic
+
+io = comfy.io
 
 RollingForcingCache = io.Custom(logic.CACHE_TYPE)
 

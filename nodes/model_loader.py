@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 
-import comfy.sd
-import folder_paths
-from comfy_api.latest import io
-
 from ..rolling.loading import CheckpointError, config_from_state_dict, extract_state_dict, read_raw
+from . import comfy_adapter as comfy
 from . import logic
+
+io, folder_paths = comfy.io, comfy.folder_paths
 
 log = logging.getLogger("RollingForcing")
 
@@ -67,7 +66,7 @@ class RollingForcingModelLoader(io.ComfyNode):
             raise ValueError(f"{model_name}: {e}") from None
         except ValueError as e:  # e.g. an unsupported architecture in the shapes
             raise ValueError(f"{model_name} is not a usable Wan2.1 text-to-video checkpoint: {e}") from None
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        patcher = comfy.load_diffusion_model(sd, options)
         del sd
         if patcher is None:
             raise ValueError(f"{model_name}: ComfyUI could not detect a Wan2.1 model in this checkpoint")
@@ -83,7 +82,7 @@ class RollingForcingModelLoader(io.ComfyNode):
 def model_problem(patcher) -> str | None:
     """Why a MODEL cannot be sampled with Rolling Forcing (None if it can)."""
     base = getattr(patcher, "model", None)
-    dm = getattr(base, "diffusion_model", None)
+    dm = comfy.diffusion_model(patcher)
     if dm is None:
         return f"the MODEL input is not a diffusion model ({type(base).__name__})"
     pe = getattr(getattr(dm, "patch_embedding", None), "weight", None)

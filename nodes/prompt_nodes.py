@@ -6,12 +6,12 @@
 """
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..rolling.prompts import RECACHE, TRANSITIONS
+from . import comfy_adapter as comfy
 from . import logic
 from .prompt_logic import PROMPTS_TYPE, PromptList, SegmentSpec, check_options, parse_time, story_segments
 
+io = comfy.io
 RollingForcingPrompts = io.Custom(PROMPTS_TYPE)
 
 _TRANSITION_TIP = ("How the prompt takes over: cut = from its first block on; blend = the text moves from the "

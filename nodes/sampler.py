@@ -12,14 +12,7 @@ import traceback
 from collections import deque
 from fractions import Fraction
 
-import comfy.latent_formats
-import comfy.model_management as mm
-import comfy.utils
-import folder_paths
 import torch
-from comfy.cli_args import args
-from comfy_api.latest import InputImpl, Types, io, ui
-from comfy_execution.graph_utils import ExecutionBlocker
 from PIL import Image
 
 from ..rolling.forward import WanArch
@@ -27,12 +20,15 @@ from ..rolling.preview import latent_to_rgb
 from ..rolling.sampler import RollingSampler
 from ..rolling.schedule import pixel_frames
 from ..rolling.video import StreamingVideoWriter
+from . import comfy_adapter as comfy
 from . import logic
 from .cache_config import RollingForcingCache
 from .model_loader import model_problem
 from .prompt_logic import PromptList, build_schedule, describe
 from .prompt_nodes import RollingForcingPrompts
 from .stream_decode import StreamingVAEDecoder, check_wan21_vae
+
+io, ui, ExecutionBlocker, folder_paths = comfy.io, comfy.ui, comfy.ExecutionBlocker, comfy.folder_paths
 
 log = logging.getLogger("RollingForcing")
 
@@ -162,8 +158,7 @@ class RollingForcingSampler(io.ComfyNode):
             raise ValueError("stream_to_disk needs a VAE (Load VAE with wan_2.1_vae.safetensors) and one prompt "
                              f"(batch 1, got {batch}); connect the VAE or turn stream_to_disk off")
         device = model.load_device
-        dtype = logic.compute_dtype(model.model.manual_cast_dtype, model.model.get_dtype(),
-                                    mm.should_use_bf16(device))
+        dtype = logic.compute_dtype(*comfy.model_dtypes(model), comfy.bf16_supported(device))
         attention = logic.attention_from_options(model.model_options)
 
         # ---- memory: estimate, log, fail early
@@ -178,21 +173,22 @@ class RollingForcingSampler(io.ComfyNode):
             summary += "\nprompt schedule (start snapped to the nearest block):\n" + describe(schedule)
         for line in summary.splitlines():
             log.info("[RollingForcing] %s", line)
-        logic.check_memory(est, mm.get_total_memory(device), str(device), after_weights=False)
+        logic.check_memory(est, comfy.total_memory(device), str(device), after_weights=False)
         keep_blocks = max(1, logic.plan_length(keep_seconds, cfg.frames_per_block).blocks) if keep_seconds > 0 else 1
         keep_blocks = min(keep_blocks, plan.blocks) if stream_to_disk else plan.blocks
         if vae is not None:
             logic.check_host_memory(pixel_frames(keep_blocks * cfg.frames_per_block) if stream_to_disk
-                                    else plan.frames, width, height, batch, mm.get_free_memory(torch.device("cpu")))
-        mm.load_models_gpu([model] + ([vae.patcher] if vae is not None else []), memory_required=est.working)
-        logic.check_memory(est, mm.get_free_memory(device), str(device))
+                                    else plan.frames, width, height, batch, comfy.host_free_memory())
+        comfy.load_models([model] + ([vae.patcher] if vae is not None else []), memory_required=est.working)
+        logic.check_memory(est, comfy.free_memory(device), str(device))
 
         # ---- sample, block by block
-        out_dev = mm.intermediate_device()
-        fmt = comfy.latent_formats.Wan21()
+        out_dev = comfy.intermediate_device()
+        fmt = comfy.wan21_latent_format()
         fb = cfg.frames_per_block
         latent = images = writer = video_path = None
-        kept_latents, kept_frames = deque(maxlen=keep_blocks), deque(maxlen=keep_blocks)
+        keep_frames = pixel_frames(plan.latent_frames) - pixel_frames((plan.blocks - keep_blocks) * fb)
+        kept_latents, kept_frames = deque(maxlen=keep_blocks), deque()
         if not stream_to_disk:
             latent = torch.empty((batch, arch.out_dim, plan.latent_frames, lat_h, lat_w), dtype=torch.float32,
                                  device=out_dev)
@@ -211,12 +207,13 @@ class RollingForcingSampler(io.ComfyNode):
             prefix = fmt.process_in(prefix.float())
             skip = -(-prefix.shape[2] // fb)  # blocks the given frames fill
             log.info("[RollingForcing] extending %d given latent frame(s) (%d block(s))", prefix.shape[2], skip)
-        pbar = comfy.utils.ProgressBar(plan.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
+        pbar = comfy.progress_bar(plan.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
         sampler = decoder = stream = None
         written = 0
         try:
             sampler = RollingSampler(dm, cfg, height=lat_h, width=lat_w, batch=batch, device=device, dtype=dtype,
-                                     attention=attention, seed=seed, on_call=_check_interrupt)
+                                     attention=attention, seed=seed, on_call=comfy.check_interrupt,
+                                     param_cast=comfy.param_cast)
             decoder = StreamingVAEDecoder(vae) if vae is not None else None
             stream = sampler.stream(schedule if schedule is not None else ctx, plan.blocks + skip, prefix=prefix)
             segment = None
@@ -231,21 +228,18 @@ class RollingForcingSampler(io.ComfyNode):
                     latent[:, :, f0:f0 + fb] = raw.to(out_dev)
                 else:
                     kept_latents.append(raw.to(out_dev))
-                if decoder is not None:
-                    frames = decoder.decode(raw)  # [B, t, H, W, 3]
-                    if writer is not None:
-                        writer.write(frames[0])
-                        kept_frames.append(frames)
-                    else:
-                        images[:, written:written + frames.shape[1]] = frames
-                    written += frames.shape[1]
+                frames = decoder.decode(raw) if decoder is not None else None  # [B, t, H, W, 3], t may be 0
+                if frames is not None and frames.shape[1]:
+                    written = _emit(frames, writer, images, written, kept_frames, keep_frames)
                     preview = _to_pil(frames[0, -1])
                 else:
                     preview = Image.fromarray(latent_to_rgb(blk.latents[:1, :, -1:].float())[0].numpy())
                 if schedule is not None:
                     _label(preview, blk.segment)
-                pbar.update_absolute(blk.index - skip + 1, plan.blocks, ("JPEG", preview, args.preview_size))
-                mm.throw_exception_if_processing_interrupted()
+                pbar.update_absolute(blk.index - skip + 1, plan.blocks, ("JPEG", preview, comfy.preview_size()))
+                comfy.check_interrupt()
+            if decoder is not None:  # latent frames held back for the VAE's chunking
+                written = _emit(decoder.flush(), writer, images, written, kept_frames, keep_frames)
         except BaseException as e:
             # an interruption or error: drop what the traceback would otherwise keep alive until ComfyUI
             # is done with the exception (the finished frames' locals: KV cache, activations; and ours)
@@ -264,32 +258,42 @@ class RollingForcingSampler(io.ComfyNode):
             if writer is not None:
                 writer.close()  # also on cancel or error: the file keeps every finished block and stays playable
             sampler = decoder = stream = None
-            mm.soft_empty_cache()
+            comfy.soft_empty_cache()
 
         info = summary + f"\nfinished {plan.blocks} block(s) -> {plan.frames} frames"
         log.info("[RollingForcing] finished %d block(s) -> %d frames", plan.blocks, plan.frames)
         if writer is not None:
             latent = torch.cat(list(kept_latents), dim=2)
-            images = torch.cat(list(kept_frames), dim=1)
+            images = torch.cat(list(kept_frames), dim=1)[:, -keep_frames:]
             info += f"\nstreamed to {video_path}; IMAGE/LATENT keep the last {images.shape[1]} frames"
         n = images.shape[1] if images is not None else 0
         out_images = images.reshape(batch * n, height, width, 3) if images is not None \
             else ExecutionBlocker(NO_VAE_MESSAGE)
         if writer is not None:
-            video = InputImpl.VideoFromFile(video_path)
+            video = comfy.InputImpl.VideoFromFile(video_path)
             shown = ui.PreviewVideo([ui.SavedResult(video_file, subfolder, io.FolderType.output)])
         elif images is not None:
-            video = InputImpl.VideoFromComponents(Types.VideoComponents(images=out_images[:n],
-                                                                        frame_rate=Fraction(plan.fps)))
+            video = comfy.InputImpl.VideoFromComponents(comfy.Types.VideoComponents(images=out_images[:n],
+                                                                                    frame_rate=Fraction(plan.fps)))
             shown = ui.PreviewText(info)
         else:
             video, shown = ExecutionBlocker(NO_VAE_MESSAGE), ui.PreviewText(info)
         return io.NodeOutput({"samples": latent}, out_images, info, video, ui=shown)
 
 
-def _check_interrupt(_record) -> None:
-    """Called by the core before every DiT forward (each window and each cache update)."""
-    mm.throw_exception_if_processing_interrupted()
+def _emit(frames, writer, images, written: int, kept: deque, keep: int) -> int:
+    """Hand decoded frames [B, t, H, W, 3] on: to the MP4 writer (keeping the last ``keep`` frames) or
+    into the IMAGE buffer. Returns the frames written so far."""
+    if not frames.shape[1]:
+        return written
+    if writer is not None:
+        writer.write(frames[0])
+        kept.append(frames)
+        while sum(f.shape[1] for f in kept) - kept[0].shape[1] >= keep:
+            kept.popleft()
+    else:
+        images[:, written:written + frames.shape[1]] = frames
+    return written + frames.shape[1]
 
 
 def _label(image: Image.Image, text: str) -> None:

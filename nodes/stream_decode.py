@@ -1,20 +1,24 @@
 """Streaming decode with ComfyUI's Wan2.1 VAE: each finished block is decoded as soon as it exists,
-with the VAE's causal feature cache kept between blocks.
+with the VAE's causal feature cache kept between blocks, and the frames are identical to one
+``VAE.decode`` of the whole latent video.
 
-``comfy.ldm.wan.vae.WanVAE.decode(z)`` applies ``conv2`` (a 1x1x1 causal conv, no temporal context)
-to the whole latent and then runs ``decoder`` one latent frame at a time, threading a ``feat_map``
-list (the last two frames seen by each causal conv) through the calls. Keeping that ``feat_map``
-alive across blocks and feeding the blocks' frames through the same two modules runs exactly the
-same operations in the same order, so the frames are identical to decoding the whole latent at
-once with ``VAE.decode`` (tested: max difference 0.0). The first latent frame gives 1 video frame,
-every later one 4.
+``WanVAE.decode(z)`` applies ``conv2`` (a 1x1x1 causal conv, no temporal context) and then calls
+``decoder`` on consecutive chunks of latent frames, threading a feature cache through the calls.
+How it chunks depends on the ComfyUI version (one frame per call in 0.3.x; the first frame alone,
+then pairs in 2026 versions), so this decoder asks the adapter how the installed version chunks
+(:func:`comfy_adapter.wan_decode_chunking`) and makes exactly the same calls: latent frames that do
+not yet fill a chunk are held back until the next block brings the rest, and :meth:`flush` decodes
+the held-back tail at the end, as the one-shot decode's last (shorter) chunk. The first latent
+frame gives 1 video frame, every later one 4.
 
 Works on the ``VAE`` object ComfyUI's VAE loaders produce (``comfy.sd.VAE``); the caller loads it
-onto its device first (``comfy.model_management.load_models_gpu([vae.patcher], ...)``).
+onto its device first.
 """
 from __future__ import annotations
 
 import torch
+
+from . import comfy_adapter as comfy
 
 WAN21_LATENT_CHANNELS = 16
 
@@ -25,9 +29,7 @@ def check_wan21_vae(vae) -> None:
     if model is None:
         raise ValueError("the VAE input holds no VAE model (an invalid or empty VAE file?); connect "
                          "Load VAE with wan_2.1_vae.safetensors")
-    from comfy.ldm.wan.vae import WanVAE  # ComfyUI's Wan2.1 VAE class
-
-    if not isinstance(model, WanVAE) or getattr(vae, "latent_channels", None) != WAN21_LATENT_CHANNELS:
+    if not isinstance(model, comfy.wan_vae_class()) or getattr(vae, "latent_channels", None) != WAN21_LATENT_CHANNELS:
         kind = type(model).__name__
         ch = getattr(vae, "latent_channels", "?")
         raise ValueError(f"the connected VAE is not the Wan2.1 VAE ({kind}, {ch} latent channels); Rolling Forcing "
@@ -37,21 +39,23 @@ def check_wan21_vae(vae) -> None:
 class StreamingVAEDecoder:
     """Decode a Wan2.1 latent video chunk by chunk; identical to one ``VAE.decode`` of the whole video.
 
-    ``decode(latents)`` takes the next chunk of latent frames in ComfyUI's raw VAE latent space
-    ([B, 16, F, H/8, W/8], i.e. what a LATENT holds) and returns its frames as IMAGE-style
-    [B, T, H, W, 3] float32 in 0..1 on ``vae.output_device`` (T = 1 + 4 (F - 1) for the first chunk,
-    4 F afterwards). Call ``close()`` (or use it as a context manager) to drop the cache.
+    ``decode(latents)`` takes the next latent frames in ComfyUI's raw VAE latent space
+    ([B, 16, F, H/8, W/8], what a LATENT holds) and returns the video frames that are now complete,
+    IMAGE-style [B, T, H, W, 3] in 0..1 on ``vae.output_device`` (T may be 0 while frames are held
+    back); ``flush()`` returns the rest at the end. Over a whole video the frames add up to
+    1 + 4 (N - 1) for N latent frames. ``close()`` (or the context manager) drops the cache.
     """
 
     def __init__(self, vae):
         check_wan21_vae(vae)
-        from comfy.ldm.wan.vae import count_conv3d
-
         self.vae = vae
         self.model = vae.first_stage_model
-        self._feat_map: list | None = [None] * count_conv3d(self.model.decoder)
-        self.latent_frames = 0  # latent frames decoded so far
-        self.frames = 0  # video frames produced so far
+        self.first, self.step = comfy.wan_decode_chunking(self.model)
+        self.out_dtype = comfy.vae_output_dtype(vae)
+        self._feat_map: list | None = [None] * comfy.decoder_cache_slots(self.model.decoder)
+        self._held: torch.Tensor | None = None  # conv2 output not yet decoded [B, 16, f < chunk, h, w]
+        self.latent_frames = 0  # latent frames received
+        self.frames = 0  # video frames returned
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -60,19 +64,51 @@ class StreamingVAEDecoder:
         if latents.ndim != 5 or latents.shape[1] != WAN21_LATENT_CHANNELS:
             raise ValueError(f"expected Wan2.1 latents [B, 16, F, H, W], got {list(latents.shape)}")
         vae = self.vae
-        z = latents.to(vae.vae_dtype).to(vae.device)  # same conversion order as VAE.decode
-        x = self.model.conv2(z)
-        outs = []
-        for i in range(x.shape[2]):
-            outs.append(self.model.decoder(x[:, :, i:i + 1], feat_cache=self._feat_map, feat_idx=[0]))
-        out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-        frames = vae.process_output(out.to(vae.output_device).float()).movedim(1, -1)
+        x = self.model.conv2(latents.to(device=vae.device, dtype=vae.vae_dtype))  # as VAE.decode converts
+        if self._held is not None:
+            x = torch.cat([self._held, x], dim=2)
         self.latent_frames += latents.shape[2]
+        outs, i = [], 0
+        self._held = None
+        start = self.latent_frames - x.shape[2]  # latent frames decoded before this call
+        while True:
+            n = self.first if start + i == 0 else self.step
+            if i + n > x.shape[2]:
+                break
+            outs.append(self._run(x[:, :, i:i + n]))
+            i += n
+        if i < x.shape[2]:
+            self._held = x[:, :, i:]
+        return self._frames(outs, latents)
+
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        """The frames of held-back latent frames (decoded as one last, shorter chunk)."""
+        if self._held is None or self._feat_map is None:
+            return self._frames([], None)
+        x, self._held = self._held, None
+        return self._frames([self._run(x)], x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return comfy.decoder_output(self.model.decoder(x, feat_cache=self._feat_map, feat_idx=[0]))
+
+    def _frames(self, outs: list, like) -> torch.Tensor:
+        """Decoder outputs -> IMAGE-style frames; no outputs -> an empty [B, 0, H, W, 3] (sizes of ``like``
+        latents, or 0 when unknown)."""
+        vae = self.vae
+        if not outs:
+            b = 1 if like is None else like.shape[0]
+            h, w = (0, 0) if like is None else (like.shape[3] * 8, like.shape[4] * 8)
+            return torch.empty((b, 0, h, w, 3), dtype=self.out_dtype, device=vae.output_device)
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        out = out.to(device=vae.output_device, dtype=self.out_dtype, copy=True)
+        frames = vae.process_output(out).movedim(1, -1)
         self.frames += frames.shape[1]
         return frames
 
     def close(self) -> None:
         self._feat_map = None
+        self._held = None
 
     def __enter__(self) -> "StreamingVAEDecoder":
         return self

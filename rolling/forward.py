@@ -3,8 +3,15 @@
 Works on :class:`rolling.model.WanModel` and on ComfyUI's loaded ``WanModel`` alike: only submodules
 are called (``patch_embedding``, ``text_embedding``, ``time_embedding``, ``time_projection``,
 ``blocks[i].{norm1,self_attn,norm3,cross_attn,norm2,ffn}``, ``head.{norm,head}``), never the model's
-own ``forward``; bare parameters (``modulation``) are cast to the compute dtype/device at use, so
-weights kept in fp8 or offloaded work.
+own ``forward``, so every layer goes through the host's own casting and offloading (ComfyUI's
+``comfy.ops`` layers cast their weights at use when ComfyUI asks them to). What the host does not
+cast by itself is handled here the way ComfyUI's own WanModel does it:
+
+* bare parameters (``modulation``) are cast to the compute dtype/device at use with a
+  :data:`ParamCast` (``p.to(...)`` by default; inside ComfyUI its ``cast_to``), so weights kept in
+  fp8 or offloaded to the CPU work;
+* a float32 patch embedding (ComfyUI keeps it in float32 whatever the weight dtype) gets float32
+  input and its output is cast back to the compute dtype (:func:`embed_patches`).
 
 Shapes: latents are [B, C, F, H, W] (channel-first, F latent frames); tokens are [B, F*h*w, dim]
 with (h, w) = (H, W) / patch, frame-major then row then column.
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from einops import rearrange
@@ -54,6 +61,29 @@ class WanArch:
                              "time_embedding, blocks, head") from None
         heads = getattr(model, "num_heads", None) or getattr(model.blocks[0].self_attn, "num_heads", None) or dim // 128
         return cls(dim, int(heads), layers, freq_dim, text_dim, in_dim, out, patch)
+
+
+ParamCast = Callable[[torch.Tensor, torch.dtype, torch.device], torch.Tensor]
+"""``cast(parameter, dtype, device) -> tensor``: how a bare parameter reaches the compute dtype/device."""
+
+
+def plain_cast(p: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return p.to(device=device, dtype=dtype)
+
+
+def to_compute(p: torch.Tensor, like: torch.Tensor, cast: ParamCast | None = None) -> torch.Tensor:
+    """A bare parameter in ``like``'s dtype and on its device."""
+    return (cast or plain_cast)(p, like.dtype, like.device)
+
+
+def embed_patches(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch embedding: latents [B, C, F, H, W] -> tokens [B, F*h*w, dim] in x's dtype.
+
+    A float32 patch embedding runs in float32 (as ComfyUI's WanModel runs it: ``x.float()``);
+    otherwise the layer runs in x's dtype (the release casts the whole model, so the weights match)."""
+    w = model.patch_embedding.weight
+    inp = x.float() if w.dtype == torch.float32 else x
+    return model.patch_embedding(inp).to(x.dtype).flatten(2).transpose(1, 2)
 
 
 class TextContext:
@@ -112,18 +142,14 @@ class TimeEmbedder:
         return hit
 
 
-def _param(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return p.to(device=like.device, dtype=like.dtype)
-
-
 def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequence[float],
             plan: ForwardPlan, cache: RollingKVCache, text: list[tuple[int, int, TextContext]],
-            time: TimeEmbedder, attn) -> torch.Tensor:
+            time: TimeEmbedder, attn, cast: ParamCast | None = None) -> torch.Tensor:
     """One causal DiT forward over input latents x [B, C, F, H, W] with per-frame ``timesteps`` (F).
 
     ``plan`` (from ``cache.plan_*``) says what the self-attention reads and writes; ``text`` lists
     (first frame, end frame, TextContext) ranges covering the F input frames. Returns the flow
-    prediction v [B, C_out, F, H, W] in x's dtype.
+    prediction v [B, C_out, F, H, W] in x's dtype. ``cast`` moves bare parameters (see the module docstring).
     """
     b, _, f, hh, ww = x.shape
     pt, ph, pw = arch.patch_size
@@ -133,9 +159,9 @@ def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequenc
     cache.prepare(plan)
     e, e0 = time(timesteps)  # [F, dim], [F, 6, dim]
 
-    tok = model.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, F*tpf, dim]
+    tok = embed_patches(model, x)  # [B, F*tpf, dim]
     for i, blk in enumerate(model.blocks):
-        mod = (_param(blk.modulation, e0) + e0).unsqueeze(1).chunk(6, dim=2)  # each [F, 1, 1, dim]
+        mod = (to_compute(blk.modulation, e0, cast) + e0).unsqueeze(1).chunk(6, dim=2)  # each [F, 1, 1, dim]
         sh1, sc1, g1, sh2, sc2, g2 = (m.squeeze(2) for m in mod)  # [F, 1, dim]
 
         h = (blk.norm1(tok).view(b, f, tpf, -1) * (1 + sc1) + sh1).view(b, f * tpf, -1)
@@ -161,7 +187,7 @@ def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequenc
         h = (blk.norm2(tok).view(b, f, tpf, -1) * (1 + sc2) + sh2).view(b, f * tpf, -1)
         tok = tok + (blk.ffn(h).view(b, f, tpf, -1) * g2).view(b, f * tpf, -1)
 
-    hm = (_param(model.head.modulation, e) + e.unsqueeze(1)).chunk(2, dim=1)  # each [F, 1, dim]
+    hm = (to_compute(model.head.modulation, e, cast) + e.unsqueeze(1)).chunk(2, dim=1)  # each [F, 1, dim]
     shift, scale = hm
     out = model.head.head(model.head.norm(tok).view(b, f, tpf, -1) * (1 + scale) + shift)
     return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)", h=hp, w=wp, p=pt, q=ph, r=pw)

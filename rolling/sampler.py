@@ -27,7 +27,7 @@ from torch import nn
 from .attention import get_attention
 from .cache import RollingKVCache
 from .config import RollingConfig
-from .forward import TextContext, TimeEmbedder, WanArch, forward
+from .forward import ParamCast, TextContext, TimeEmbedder, WanArch, forward
 from .noise import NoiseSource, SeededNoise
 from .prompts import PromptSchedule
 from .schedule import FlowSchedule, Window, add_noise, num_windows, window_at, x0_from_flow
@@ -97,14 +97,18 @@ class RollingSampler:
         on_call: optional callback receiving a :class:`CallRecord` per logical DiT call.
         on_window: optional callback ``(window_index, num_windows_or_None)`` after every window
             (for progress and cancellation: raise from it to stop).
+        param_cast: how bare parameters (``modulation``) reach the compute dtype/device
+            (:data:`rolling.forward.ParamCast`); inside ComfyUI, its ``cast_to``.
     """
 
     def __init__(self, model: nn.Module, cfg: RollingConfig | None = None, *, height: int, width: int,
                  batch: int = 1, device=None, dtype=torch.bfloat16, attention="sdpa",
                  noise: NoiseSource | None = None, seed: int = 0,
                  on_call: Callable[[CallRecord], None] | None = None,
-                 on_window: Callable[[int, int | None], None] | None = None):
+                 on_window: Callable[[int, int | None], None] | None = None,
+                 param_cast: ParamCast | None = None):
         self.model, self.cfg = model, cfg or RollingConfig()
+        self.param_cast = param_cast
         self.arch = WanArch.of(model)
         validate_latent_size(height, width, self.arch.patch_size)
         if not isinstance(batch, int) or batch < 1:
@@ -218,7 +222,7 @@ class RollingSampler:
         plan = self.cache.plan_update(block)
         tp, keys = self._text_plan([block if text_block is None else text_block])
         self._record(block * fb, fb, True, [self.t_ctx] * fb, keys, kind)
-        forward(self.model, self.arch, latent, [self.t_ctx] * fb, plan, self.cache, tp, self.time, self.attn)
+        forward(self.model, self.arch, latent, [self.t_ctx] * fb, plan, self.cache, tp, self.time, self.attn, self.param_cast)
         self.forwards += 1
         self._keep_clean(st, block, latent)
 
@@ -326,14 +330,14 @@ class RollingSampler:
                 self._record(cb * fb, fb, True, [self.t_ctx] * fb, keys[:1], "update")
                 self._record(win.first * fb, nf, False, tsteps, keys[1:], "denoise")
                 v = forward(self.model, self.arch, torch.cat([cx, x], dim=2), [self.t_ctx] * fb + tsteps, plan,
-                            self.cache, tp, self.time, self.attn)[:, :, fb:]
+                            self.cache, tp, self.time, self.attn, self.param_cast)[:, :, fb:]
                 self._keep_clean(st, cb, cx)
                 st.pending = None
             else:
                 plan = self.cache.plan_denoise(win.first, len(steps))
                 tp, keys = self._text_plan(blocks)
                 self._record(win.first * fb, nf, False, tsteps, keys, "denoise")
-                v = forward(self.model, self.arch, x, tsteps, plan, self.cache, tp, self.time, self.attn)
+                v = forward(self.model, self.arch, x, tsteps, plan, self.cache, tp, self.time, self.attn, self.param_cast)
             self.forwards += 1
             x0 = x0_from_flow(x, v, self._sigmas(steps))
             finished = None

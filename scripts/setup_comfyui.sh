@@ -12,9 +12,9 @@
 #      (the CPU torch already installed is kept; a constraint pins it so nothing can
 #      pull a CUDA torch). spandrel is installed with --no-deps because it depends on
 #      torchvision, which would drag in a CUDA torch.
-#   3. writes a placeholder `torchvision` package into SHIM_DIR (default
-#      /work/comfyui_shims) - there is no CPU torchvision wheel; ComfyUI imports it at
-#      start-up only for a few image nodes. Put SHIM_DIR on PYTHONPATH.
+#   3. writes placeholder `torchvision` and `torchaudio` packages into SHIM_DIR (default
+#      /work/comfyui_shims) - there are no CPU wheels of them; ComfyUI imports them at
+#      start-up only for image-model and audio nodes. Put SHIM_DIR on PYTHONPATH.
 #   4. with --with-browser: apt-get install chromium, pip install playwright (never runs
 #      `playwright install`; use executable_path=/usr/bin/chromium).
 #   5. with --with-test-deps: installs ComfyUI's tests-unit/requirements.txt
@@ -96,20 +96,62 @@ if "$PYTHON" -c 'import importlib.metadata as m; m.version("torchvision")' >/dev
   log "WARNING: a real torchvision distribution is installed in this Python; it shadows or conflicts with the shim (a CUDA torchvision fails at import: torchvision::nms)."
 fi
 
-# --- 3. torchvision placeholder ----------------------------------------------------------
-mkdir -p "$SHIM_DIR/torchvision/transforms"
+# --- 3. torchvision / torchaudio placeholders ------------------------------------------
+# There is no CPU build of torchvision/torchaudio on the registry. ComfyUI imports both at start-up
+# (0.33+: torchvision.ops, torchvision.models.optical_flow, torchaudio.functional/transforms) only for
+# image-model, background-removal and audio nodes. These placeholder packages satisfy the imports;
+# any placeholder attribute raises a RuntimeError naming itself when it is used.
+rm -rf "$SHIM_DIR/torchvision" "$SHIM_DIR/torchaudio"
+mkdir -p "$SHIM_DIR/torchvision/transforms" "$SHIM_DIR/torchvision/ops" "$SHIM_DIR/torchvision/models" \
+         "$SHIM_DIR/torchaudio"
+cat > "$SHIM_DIR/_rf_placeholder.py" <<'PY'
+"""Shared by the placeholder torchvision/torchaudio packages (written by scripts/setup_comfyui.sh)."""
+
+
+def missing(module_name):
+    """A module-level __getattr__: unknown names become classes that raise when used."""
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def fail(*args, **kwargs):
+            raise RuntimeError(f"{module_name}.{name} is not available: this is the CPU placeholder "
+                               "written by scripts/setup_comfyui.sh")
+        return type(name, (), {"__init__": fail, "__call__": fail, "__module__": module_name})
+    return __getattr__
+PY
 cat > "$SHIM_DIR/torchvision/__init__.py" <<'PY'
-"""Placeholder torchvision for running ComfyUI on a CPU-only machine without a CPU
-torchvision wheel (written by scripts/setup_comfyui.sh). It satisfies ComfyUI's
-module-level imports; only torchvision.transforms' Compose/Normalize/functional.resize
-are implemented (pure torch); torchvision.models raises when used."""
+"""Placeholder torchvision for running ComfyUI on a CPU-only machine without a CPU torchvision
+wheel (written by scripts/setup_comfyui.sh). It satisfies ComfyUI's module-level imports; only
+torchvision.transforms' Compose/Normalize/functional.resize/normalize are implemented (pure torch)."""
 __version__ = "0.0.0+comfyui.shim"
-from . import transforms, models  # noqa: E402,F401
+from . import transforms, models, ops  # noqa: E402,F401
+from _rf_placeholder import missing as _missing  # noqa: E402
+
+__getattr__ = _missing("torchvision")
+PY
+cat > "$SHIM_DIR/torchvision/ops/__init__.py" <<'PY'
+from _rf_placeholder import missing as _missing
+
+__getattr__ = _missing("torchvision.ops")
+PY
+cat > "$SHIM_DIR/torchvision/models/__init__.py" <<'PY'
+from _rf_placeholder import missing as _missing
+
+__getattr__ = _missing("torchvision.models")
+PY
+cat > "$SHIM_DIR/torchvision/models/optical_flow.py" <<'PY'
+from _rf_placeholder import missing as _missing
+
+__getattr__ = _missing("torchvision.models.optical_flow")
 PY
 cat > "$SHIM_DIR/torchvision/transforms/__init__.py" <<'PY'
 import torch
 from . import functional  # noqa: F401
 from .functional import InterpolationMode  # noqa: F401
+from _rf_placeholder import missing as _missing
+
+__getattr__ = _missing("torchvision.transforms")
 
 
 class Compose:
@@ -134,6 +176,9 @@ cat > "$SHIM_DIR/torchvision/transforms/functional.py" <<'PY'
 import enum
 import torch
 import torch.nn.functional as F
+from _rf_placeholder import missing as _missing
+
+__getattr__ = _missing("torchvision.transforms.functional")  # e.g. rotate (spandrel): fails only when used
 
 
 class InterpolationMode(enum.Enum):
@@ -144,18 +189,6 @@ class InterpolationMode(enum.Enum):
     BOX = "box"
     HAMMING = "hamming"
     LANCZOS = "lanczos"
-
-
-def _unavailable(name):
-    def f(*args, **kwargs):
-        raise RuntimeError(f"torchvision.transforms.functional.{name} is not available: this is the "
-                           "CPU placeholder torchvision written by scripts/setup_comfyui.sh")
-    f.__name__ = name
-    return f
-
-
-# imported at module level by spandrel (ComfyUI's upscale-model nodes); only fail when called
-rotate = _unavailable("rotate")
 
 
 def normalize(x, mean, std, inplace=False):
@@ -185,17 +218,13 @@ def resize(img, size, interpolation=None, max_size=None, antialias=True):
     out = out.to(img.dtype)
     return out.reshape(*shape[:-2], *out.shape[-2:])
 PY
-cat > "$SHIM_DIR/torchvision/models.py" <<'PY'
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision.models.{name} is not available: this is the CPU placeholder "
-                           "torchvision written by scripts/setup_comfyui.sh")
-    return _unavailable
-PY
-log "torchvision placeholder written to $SHIM_DIR/torchvision"
+for m in "" functional transforms; do
+  f="$SHIM_DIR/torchaudio/${m:-__init__}.py"
+  name="torchaudio${m:+.$m}"
+  { [[ -z "$m" ]] && printf '"""Placeholder torchaudio (scripts/setup_comfyui.sh): imports work, every attribute fails when used."""\n__version__ = "0.0.0+comfyui.shim"\nfrom . import functional, transforms  # noqa: F401\n'
+    printf 'from _rf_placeholder import missing as _missing\n\n__getattr__ = _missing("%s")\n' "$name"; } > "$f"
+done
+log "torchvision and torchaudio placeholders written to $SHIM_DIR"
 
 # --- 4. browser ----------------------------------------------------------------------------
 if [[ $WITH_BROWSER == 1 ]]; then

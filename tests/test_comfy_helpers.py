@@ -342,6 +342,20 @@ def node_class(name: str):
     return comfyui()["nodes"].NODE_CLASS_MAPPINGS[name]
 
 
+def prepared_node(name: str, unique_id: str):
+    """The node class as ComfyUI's executor prepares it (hidden inputs filled in). ComfyUI 0.3.x takes the
+    hidden inputs themselves, 0.33+ a ``V3Data`` dict holding them under ``hidden_inputs``."""
+    import inspect
+
+    from comfy_api.latest import io
+
+    cls = node_class(name)
+    hidden = {io.Hidden.unique_id: unique_id}
+    if "v3_data" in inspect.signature(cls.PREPARE_CLASS_CLONE).parameters:
+        hidden = {"hidden_inputs": hidden}
+    return cls.PREPARE_CLASS_CLONE(hidden)
+
+
 def node_info(name: str) -> dict:
     """The /object_info entry of a node (V1 JSON shape: input, input_order, output, ...), in-process."""
     cls = node_class(name)
@@ -378,7 +392,12 @@ def run_prompt(prompt: dict, outputs: list[str] | None = None):
     if not valid[0]:
         raise AssertionError(f"prompt failed validation: {valid[1]} {json.dumps(valid[3], default=str)[:2000]}")
     srv = StubServer()
-    ex = execution.PromptExecutor(srv, cache_type=False)
+    import inspect
+
+    kw = {}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:  # ComfyUI 0.33+
+        kw["cache_args"] = {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}
+    ex = execution.PromptExecutor(srv, cache_type=False, **kw)
     ex.execute(prompt, "test-prompt", {"client_id": srv.client_id}, outputs or valid[2])
     return ex, valid, srv
 
@@ -451,7 +470,8 @@ NOTE_LONG = ("\n\nLong stream: the sampler writes each decoded block to output/v
              "in the sampler's preview when the run ends; Save Video stores just the tail.")
 
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO",
+                "COMFY_DYNAMICCOMBO_V3"}  # a combo whose choice adds inputs (SaveVideo's codec, 2026)
 
 
 def ui_to_api(ui: dict, info_of) -> dict:
@@ -491,6 +511,19 @@ def ui_to_api(ui: dict, info_of) -> dict:
 
 def strip_meta(api: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+def canonical(api: dict, info_of) -> dict:
+    """``strip_meta`` minus optional inputs that hold their declared default: a newer ComfyUI's node may
+    have gained an optional widget (CreateVideo's bit_depth in 2026) that its frontend fills in with the
+    default, which is the same graph."""
+    out = strip_meta(api)
+    for node in out.values():
+        optional = info_of(node["class_type"])["input"].get("optional", {})
+        node["inputs"] = {n: v for n, v in node["inputs"].items()
+                          if not (n in optional and len(optional[n]) > 1 and isinstance(optional[n][1], dict)
+                                  and "default" in optional[n][1] and v == optional[n][1]["default"])}
+    return out
 
 
 def add_model_properties(ui: dict) -> dict:
@@ -723,7 +756,7 @@ def regenerate_workflows() -> None:
             (WORKFLOWS / name).write_text(json.dumps(ui, indent=2) + "\n")
             back = frontend_load_ui(page, ui)
             assert not back["missing"], back["missing"]
-            assert strip_meta(back["api"]) == strip_meta(t2v_api(upscale)), (name, back["api"])
+            assert canonical(back["api"], node_info) == canonical(t2v_api(upscale), node_info), (name, back["api"])
             frontend_thumbnail(page, ui, WORKFLOWS / (name[:-5] + ".jpg"))
             print(f"wrote {WORKFLOWS / name} ({len(ui['nodes'])} nodes) and its thumbnail")
 

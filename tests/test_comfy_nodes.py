@@ -55,9 +55,7 @@ def progress():
 
 
 def sampler(unique_id="6"):
-    from comfy_api.latest import io
-
-    return H.node_class("RollingForcingSampler").PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+    return H.prepared_node("RollingForcingSampler", unique_id)
 
 
 def run_sampler(model, cond, vae=None, full=False, **kw):
@@ -389,7 +387,7 @@ def test_prompt_validation_reports_bad_cache_values(cu):
 @pytest.mark.parametrize("name, upscale", list(H.WORKFLOW_FILES.items()))
 def test_shipped_workflows_validate(cu, name, upscale):
     api = H.ui_to_api(H.load_workflow(name), H.node_info)
-    assert H.strip_meta(api) == H.strip_meta(H.t2v_api(upscale))
+    assert H.canonical(api, H.node_info) == H.canonical(H.t2v_api(upscale), H.node_info)
     ok, err, outputs, node_errors = H.validate(api)
     assert ok, (err, node_errors)
     assert outputs == ["8"]

@@ -86,7 +86,8 @@ def test_workflows_are_served_as_templates(server):
 @pytest.mark.parametrize("name, upscale", list(H.WORKFLOW_FILES.items()))
 def test_workflow_converts_to_the_expected_api_graph(object_info, name, upscale):
     api = H.ui_to_api(H.load_workflow(name), object_info.__getitem__)
-    assert H.strip_meta(api) == H.strip_meta(H.t2v_api(upscale))
+    info = object_info.__getitem__
+    assert H.canonical(api, info) == H.canonical(H.t2v_api(upscale), info)
 
 
 # ----------------------------------------------------------------------------- real frontend
@@ -99,17 +100,19 @@ def test_frontend_loads_workflow_without_missing_nodes(server, object_info, page
     assert res["missing"] == [], f"node types the frontend does not know: {res['missing']}"
     assert sorted(res["types"]) == sorted(n["type"] for n in ui["nodes"])
     # the frontend's own UI -> API conversion equals ours and the intended graph
-    assert H.strip_meta(res["api"]) == H.strip_meta(H.ui_to_api(ui, object_info.__getitem__))
-    assert H.strip_meta(res["api"]) == H.strip_meta(H.t2v_api(upscale))
+    info = object_info.__getitem__
+    assert H.canonical(res["api"], info) == H.canonical(H.ui_to_api(ui, info), info)
+    assert H.canonical(res["api"], info) == H.canonical(H.t2v_api(upscale), info)
     # and it passes ComfyUI's own prompt validation (in-process ComfyUI with the same pack and files)
     ok, err, outputs, node_errors = H.validate(res["api"])
     assert ok and outputs == ["8"], (err, node_errors)
 
 
-def test_frontend_api_to_ui_roundtrip(page):
+def test_frontend_api_to_ui_roundtrip(page, object_info):
     ui = H.frontend_api_to_ui(page, H.t2v_api())
     back = H.frontend_load_ui(page, ui)
-    assert back["missing"] == [] and H.strip_meta(back["api"]) == H.strip_meta(H.t2v_api())
+    info = object_info.__getitem__
+    assert back["missing"] == [] and H.canonical(back["api"], info) == H.canonical(H.t2v_api(), info)
 
 
 # ----------------------------------------------------------------------------- running over HTTP
