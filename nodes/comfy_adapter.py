@@ -125,8 +125,11 @@ def load_models(patchers: list, memory_required: int) -> None:
         patchers, memory_required=memory_required)
 
 
-def free_memory(device) -> int:
-    return int(_mm.get_free_memory(device))
+def free_memory(device, patcher=None) -> int:
+    """Free memory on ``device``. A ModelPatcher's own count (2026) includes what dynamic VRAM would
+    evict for it; ``get_free_memory`` alone undercounts there."""
+    own = getattr(patcher, "get_free_memory", None)
+    return int(own(device) if callable(own) else _mm.get_free_memory(device))
 
 
 def total_memory(device) -> int:
@@ -155,19 +158,40 @@ def param_cast(p: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tor
 
 
 def model_dtypes(patcher) -> tuple[torch.dtype | None, torch.dtype]:
-    """(manual-cast dtype or None, weight dtype) of a MODEL: ComfyUI computes in the first if set."""
+    """(manual-cast dtype or None, weight dtype) of a MODEL: ComfyUI computes in the first if set. The
+    manual-cast dtype may be an object patch (the ModelComputeDtype node), hence ``get_model_object``."""
     base = patcher.model
-    return getattr(base, "manual_cast_dtype", None), base.get_dtype()
+    get = getattr(patcher, "get_model_object", None)
+    manual = get("manual_cast_dtype") if callable(get) else getattr(base, "manual_cast_dtype", None)
+    return manual, base.get_dtype()
 
 
 # ----------------------------------------------------------------------------- models
 
-def load_diffusion_model(sd: dict, model_options: dict):
+def load_diffusion_model(sd: dict, model_options: dict, disable_dynamic: bool = False):
     """A Wan2.1 state dict -> ComfyUI's own model (ModelPatcher), like the stock Load Diffusion Model."""
     sd_mod = _module("comfy.sd", "to build its Wan model")
     fn = _attr(sd_mod, "load_diffusion_model_state_dict", "comfy.sd.load_diffusion_model_state_dict",
                "to build ComfyUI's Wan model from a checkpoint")
-    return fn(sd, model_options=model_options)
+    kw = {"disable_dynamic": True} if disable_dynamic and _accepts(fn, "disable_dynamic") else {}
+    return fn(sd, model_options=model_options, **kw)
+
+
+def register_reload(patcher, loader, args: tuple) -> None:
+    """Tell ComfyUI how to load this MODEL again (``cached_patcher_init``, 2026): it does so to make a
+    non-dynamic or per-GPU copy (hooks, multi-GPU). ``loader(*args, disable_dynamic=...)`` must return a
+    ModelPatcher. Older versions have no such attribute and need nothing."""
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (loader, args)
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def diffusion_model(patcher):
@@ -215,22 +239,23 @@ _PROBE_FRAMES = 8
 _CHUNKING: dict = {}
 
 
-def wan_decode_chunking(model) -> tuple[int, int]:
+def wan_decode_chunking(vae) -> tuple[int, int]:
     """How the installed ``WanVAE.decode`` feeds its decoder: ``(first, step)`` latent frames, i.e. the
     first ``first`` frames in one call, then ``step`` frames per call (the last call may hold fewer).
 
-    Found by watching one decode of a tiny probe latent (1x1 latent pixels, 8 frames) on the model's
-    device, once per VAE class: 0.3.x gives (1, 1), 2026 versions (1, 2). A streaming decoder that
-    makes the same calls in the same order computes the same frames as one-shot ``VAE.decode``."""
+    Found by watching one decode of a tiny probe latent (1x1 latent pixels, 8 frames) on the VAE's
+    device and dtype (what ``VAE.decode`` uses), once per VAE class: 0.3.x gives (1, 1), 2026
+    versions (1, 2). A streaming decoder that makes the same calls in the same order computes the
+    same frames as one-shot ``VAE.decode``."""
+    model = vae.first_stage_model
     key = type(model)
     if key in _CHUNKING:
         return _CHUNKING[key]
     sizes: list[int] = []
     hook = model.decoder.register_forward_pre_hook(lambda _m, args, *_: sizes.append(int(args[0].shape[2])))
     try:
-        p = next(model.parameters())
-        z = torch.zeros((1, getattr(model, "z_dim", 16), _PROBE_FRAMES, 1, 1),
-                        device=p.device, dtype=p.dtype)
+        z = torch.zeros((1, getattr(model, "z_dim", 16), _PROBE_FRAMES, 1, 1), device=vae.device,
+                        dtype=vae.vae_dtype)
         with torch.no_grad():
             model.decode(z)
     finally:

@@ -8,6 +8,7 @@ node does, so ComfyUI's memory management, offloading, fp8 weights and LoRA load
 from __future__ import annotations
 
 import logging
+import os
 
 from ..rolling.loading import CheckpointError, config_from_state_dict, extract_state_dict, read_raw
 from . import comfy_adapter as comfy
@@ -59,24 +60,33 @@ class RollingForcingModelLoader(io.ComfyNode):
         logic.check_choice("attention backend", attention, logic.ATTENTION_BACKENDS)
         options = logic.weight_dtype_options(weight_dtype)
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        try:
-            sd = extract_state_dict(read_raw(path), weights)
-            config_from_state_dict(sd)  # non-Wan, I2V and VACE checkpoints are refused here
-        except CheckpointError as e:
-            raise ValueError(f"{model_name}: {e}") from None
-        except ValueError as e:  # e.g. an unsupported architecture in the shapes
-            raise ValueError(f"{model_name} is not a usable Wan2.1 text-to-video checkpoint: {e}") from None
-        patcher = comfy.load_diffusion_model(sd, options)
-        del sd
-        if patcher is None:
-            raise ValueError(f"{model_name}: ComfyUI could not detect a Wan2.1 model in this checkpoint")
-        problem = model_problem(patcher)
-        if problem:
-            raise ValueError(f"{model_name}: {problem}")
-        logic.with_attention(patcher.model_options, attention)
+        patcher = load_patcher(path, weights, options, attention)
+        comfy.register_reload(patcher, load_patcher, (path, weights, options, attention))
         log.info("[RollingForcing] loaded %s (%s weights, dtype %s, manual cast %s, attention %s)", model_name, weights,
-                 patcher.model.get_dtype(), patcher.model.manual_cast_dtype, attention)
+                 *comfy.model_dtypes(patcher)[::-1], attention)
         return io.NodeOutput(patcher)
+
+
+def load_patcher(path: str, weights: str, options: dict, attention: str, disable_dynamic: bool = False):
+    """A checkpoint file -> ComfyUI's Wan model (ModelPatcher), refusing what Rolling Forcing cannot sample.
+    Also ComfyUI's way to load the same MODEL again (see ``comfy_adapter.register_reload``)."""
+    name = os.path.basename(path)
+    try:
+        sd = extract_state_dict(read_raw(path), weights)
+        config_from_state_dict(sd)  # non-Wan, I2V and VACE checkpoints are refused here
+    except CheckpointError as e:
+        raise ValueError(f"{name}: {e}") from None
+    except ValueError as e:  # e.g. an unsupported architecture in the shapes
+        raise ValueError(f"{name} is not a usable Wan2.1 text-to-video checkpoint: {e}") from None
+    patcher = comfy.load_diffusion_model(sd, options, disable_dynamic=disable_dynamic)
+    del sd
+    if patcher is None:
+        raise ValueError(f"{name}: ComfyUI could not detect a Wan2.1 model in this checkpoint")
+    problem = model_problem(patcher)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    logic.with_attention(patcher.model_options, attention)
+    return patcher
 
 
 def model_problem(patcher) -> str | None:

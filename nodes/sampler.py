@@ -180,7 +180,7 @@ class RollingForcingSampler(io.ComfyNode):
             logic.check_host_memory(pixel_frames(keep_blocks * cfg.frames_per_block) if stream_to_disk
                                     else plan.frames, width, height, batch, comfy.host_free_memory())
         comfy.load_models([model] + ([vae.patcher] if vae is not None else []), memory_required=est.working)
-        logic.check_memory(est, comfy.free_memory(device), str(device))
+        logic.check_memory(est, comfy.free_memory(device, model), str(device))
 
         # ---- sample, block by block
         out_dev = comfy.intermediate_device()

@@ -50,10 +50,11 @@ class StreamingVAEDecoder:
         check_wan21_vae(vae)
         self.vae = vae
         self.model = vae.first_stage_model
-        self.first, self.step = comfy.wan_decode_chunking(self.model)
+        self.first, self.step = comfy.wan_decode_chunking(vae)
         self.out_dtype = comfy.vae_output_dtype(vae)
         self._feat_map: list | None = [None] * comfy.decoder_cache_slots(self.model.decoder)
         self._held: torch.Tensor | None = None  # conv2 output not yet decoded [B, 16, f < chunk, h, w]
+        self._last: torch.Tensor | None = None  # the last latents received (for empty outputs' shape)
         self.latent_frames = 0  # latent frames received
         self.frames = 0  # video frames returned
 
@@ -68,6 +69,7 @@ class StreamingVAEDecoder:
         if self._held is not None:
             x = torch.cat([self._held, x], dim=2)
         self.latent_frames += latents.shape[2]
+        self._last = latents[:, :, :0]
         outs, i = [], 0
         self._held = None
         start = self.latent_frames - x.shape[2]  # latent frames decoded before this call
@@ -85,7 +87,7 @@ class StreamingVAEDecoder:
     def flush(self) -> torch.Tensor:
         """The frames of held-back latent frames (decoded as one last, shorter chunk)."""
         if self._held is None or self._feat_map is None:
-            return self._frames([], None)
+            return self._frames([], self._last)
         x, self._held = self._held, None
         return self._frames([self._run(x)], x)
 

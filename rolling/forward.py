@@ -79,11 +79,14 @@ def to_compute(p: torch.Tensor, like: torch.Tensor, cast: ParamCast | None = Non
 def embed_patches(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patch embedding: latents [B, C, F, H, W] -> tokens [B, F*h*w, dim] in x's dtype.
 
-    A float32 patch embedding runs in float32 (as ComfyUI's WanModel runs it: ``x.float()``);
-    otherwise the layer runs in x's dtype (the release casts the whole model, so the weights match)."""
-    w = model.patch_embedding.weight
-    inp = x.float() if w.dtype == torch.float32 else x
-    return model.patch_embedding(inp).to(x.dtype).flatten(2).transpose(1, 2)
+    A float32 patch embedding runs in float32 (as ComfyUI's WanModel runs it: ``x.float()``), and so
+    does one that casts its weights at use (a ComfyUI layer; its weight tensor may then hold the
+    checkpoint's dtype, the model's being recorded beside it); otherwise the layer runs in x's dtype
+    (the release casts the whole model, so the weights match)."""
+    pe = model.patch_embedding
+    declared = getattr(pe, "weight_comfy_model_dtype", None) or pe.weight.dtype
+    fp32 = declared == torch.float32 or getattr(pe, "comfy_cast_weights", False)
+    return pe(x.float() if fp32 else x).to(x.dtype).flatten(2).transpose(1, 2)
 
 
 class TextContext:

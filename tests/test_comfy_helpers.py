@@ -367,6 +367,52 @@ def node_info(name: str) -> dict:
             "display_name": comfyui()["nodes"].NODE_DISPLAY_NAME_MAPPINGS.get(name, name)}
 
 
+def random_wan_vae_state_dict(seed: int = 0) -> dict:
+    """The seeded random Wan2.1 VAE weights of the injection pack (a real architecture, no download)."""
+    cls = node_class("RFTestRandomWanVAE")
+    return sys.modules[cls.__module__].random_wan_vae_state_dict(seed)
+
+
+GPU_FLAVOURS = {  # (bf16 supported, fp16 supported), as ComfyUI's should_use_bf16 / should_use_fp16 answer
+    "ampere": (True, True),  # RTX 30xx and newer, A100, H100: ComfyUI picks fp16 first for Wan, bf16 on request
+    "turing": (False, True),  # RTX 20xx, T4: no bf16
+    "bf16_only": (True, False),  # where fp16 is ruled out: everything that is not fp32 runs in bf16
+}
+
+
+def force_gpu_dtype_path(monkeypatch, flavour: str) -> None:
+    """Make ComfyUI choose dtypes as on a CUDA GPU of that flavour (see GPU_FLAVOURS). Affects the
+    models and VAEs loaded afterwards."""
+    import comfy.model_management as mm
+
+    if flavour not in GPU_FLAVOURS:
+        raise ValueError(f"flavour must be one of {', '.join(GPU_FLAVOURS)}, got {flavour!r}")
+    bf16, fp16 = GPU_FLAVOURS[flavour]
+    monkeypatch.setattr(mm, "should_use_bf16", lambda *a, **k: bf16)
+    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: fp16)
+
+
+def force_lowvram(monkeypatch, fraction: float) -> None:
+    """ComfyUI's low-VRAM partial load for diffusion models: only ``fraction`` of the weights resident,
+    the other layers cast (and moved) at use by comfy.ops. On a CPU ComfyUI never does this by itself."""
+    import comfy.model_management as mm
+
+    orig = mm.LoadedModel.model_load
+
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
+        if hasattr(getattr(self.model, "model", None), "diffusion_model"):
+            lowvram_model_memory = max(1, int(self.model.model_size() * fraction))
+        return orig(self, lowvram_model_memory, force_patch_weights=force_patch_weights)
+
+    monkeypatch.setattr(mm.LoadedModel, "model_load", model_load)
+
+
+def layers_casting_at_use(module) -> tuple[int, int]:
+    """(layers that cast their weights at use, layers that can): ComfyUI's ``comfy_cast_weights`` flag."""
+    flags = [m.comfy_cast_weights for m in module.modules() if hasattr(m, "comfy_cast_weights")]
+    return sum(bool(f) for f in flags), len(flags)
+
+
 class StubServer:
     """What execution.PromptExecutor needs from the server; records every message."""
 

@@ -579,3 +579,37 @@ def test_cancel_while_streaming_leaves_playable_file(cu, model, vae, cond, tmp_p
     files = sorted((tmp_path / "video").glob("rf_cancel_*.mp4"))
     assert len(files) == 1
     assert probe_frame_count(str(files[0])) >= 9 + 12 + 12  # the 3 blocks finished before Cancel
+
+
+# ----------------------------------------------------------------------------- other MODEL sources and reloads
+
+def test_core_causal_wan_model_samples_like_wan_model(cu, model, cond):
+    """ComfyUI's own causal AR Wan (CausalWanModel, 2026; picked from a checkpoint's metadata) has the same
+    module tree: the sampler runs on it, through the stock Load Diffusion Model, with identical results."""
+    import json
+
+    import nodes
+    from safetensors.torch import save_file
+
+    try:
+        import comfy.ldm.wan.ar_model as ar
+    except ImportError:
+        pytest.skip("this ComfyUI has no causal AR Wan model (comfy.ldm.wan.ar_model, added in 2026)")
+    name = "rolling_forcing_causal_ar.safetensors"
+    meta = {"config": json.dumps({"transformer": {"causal_ar": True}})}
+    save_file({k: v.contiguous() for k, v in H.tiny_state_dict(0).items()},
+              str(cu["tmp"] / "models" / "diffusion_models" / name), metadata=meta)
+    causal = nodes.UNETLoader().load_unet(name, "default")[0]
+    assert isinstance(causal.model.diffusion_model, ar.CausalWanModel)
+    assert torch.equal(run_sampler(causal, cond)[0]["samples"], run_sampler(model, cond)[0]["samples"])
+
+
+def test_loader_tells_comfyui_how_to_reload(cu, model):
+    """2026 ComfyUI reloads a MODEL through ``cached_patcher_init`` to make non-dynamic or per-GPU copies."""
+    if not hasattr(model, "cached_patcher_init"):
+        pytest.skip("this ComfyUI has no cached_patcher_init (added in 2026)")
+    fn, args = model.cached_patcher_init
+    again = fn(*args, disable_dynamic=True)
+    ref, got = model.model.diffusion_model.state_dict(), again.model.diffusion_model.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert again.model_options["transformer_options"]["rolling_forcing"]["attention"] == "sdpa"
