@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..rolling.config import PIXEL_FPS, REFERENCE_STEPS, RollingConfig, parse_steps
-from ..rolling.schedule import blocks_for_seconds, pixel_frames
+from ..rolling.timing import Timeline, pixel_frames
 
 PREFIX = "RollingForcing"
 CATEGORY = "RollingForcing"
@@ -221,7 +221,7 @@ def plan_length(seconds: float, frames_per_block: int = 3) -> LengthPlan:
         raise ValueError(f"length must be a number of seconds, got {seconds!r}")
     if not (0 < seconds <= MAX_SECONDS):
         raise ValueError(f"length must be more than 0 and at most {MAX_SECONDS:g} seconds, got {seconds:g}")
-    blocks = blocks_for_seconds(float(seconds), PIXEL_FPS, frames_per_block)
+    blocks = Timeline(frames_per_block, PIXEL_FPS).blocks_for(float(seconds))
     latent = blocks * frames_per_block
     return LengthPlan(float(seconds), blocks, latent, pixel_frames(latent))
 

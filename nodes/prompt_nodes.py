@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..rolling.prompts import RECACHE, TRANSITIONS
 from . import comfy_adapter as comfy
 from . import logic
-from .prompt_logic import PROMPTS_TYPE, PromptList, SegmentSpec, check_options, parse_time, story_segments
+from .prompt_logic import PROMPTS_TYPE, PromptList, TimedPrompt, check_options, parse_time, story_segments
 
 io = comfy.io
 RollingForcingPrompts = io.Custom(PROMPTS_TYPE)
@@ -73,7 +73,7 @@ class RollingForcingPromptSegment(io.ComfyNode):
         check_options(transition, blend_seconds, recache)
         prev = previous or PromptList()
         n = len(prev.segments) + 1
-        seg = SegmentSpec(parse_time(start), logic.conditioning_tensor(conditioning), label or f"segment {n}",
+        seg = TimedPrompt(parse_time(start), logic.conditioning_tensor(conditioning), label or f"segment {n}",
                           transition, blend_seconds, recache, f"segment {n} ({label or start})")
         return io.NodeOutput(prev.add(seg))
 

@@ -18,7 +18,7 @@ from PIL import Image
 from ..rolling.forward import WanArch
 from ..rolling.preview import latent_to_rgb
 from ..rolling.sampler import RollingSampler
-from ..rolling.schedule import pixel_frames
+from ..rolling.timing import pixel_frames
 from ..rolling.video import StreamingVideoWriter
 from . import comfy_adapter as comfy
 from . import logic

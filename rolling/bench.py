@@ -21,7 +21,7 @@ from .config import RollingConfig, WanConfig
 from .model import build_model
 from .probes import OpProbe
 from .sampler import RollingSampler
-from .schedule import pixel_frames
+from .timing import pixel_frames
 
 SIZES = {"tiny": (16, 24), "1.3B": (60, 104), "14B": (60, 104)}
 DTYPES = {"cpu": torch.float32, "meta": torch.bfloat16, "cuda": torch.bfloat16}

@@ -1,40 +1,53 @@
-"""The rolling KV cache: attention sink, ring of recent clean blocks, and the reference's read and
-write rules, expressed as per-forward *plans*.
+"""The KV cache: attention sink, ring of recent clean blocks, and the read rules of the schedules,
+as per-forward *plans*.
 
-All bookkeeping is plain Python integers decided before a forward runs, so the layers do no host
-syncs. Storage is preallocated once per run and never grows with video length:
+Bookkeeping (which block sits in which slot) is a :class:`CacheBook` value. :meth:`RollingKVCache.plan`
+is a pure function of the book and a :class:`rolling.schedule.Forward`: it says what the forward
+writes (which slot) and what each of its query groups reads, and carries the book as it will be
+after the forward. :meth:`RollingKVCache.commit` installs that book once the forward has run, so a
+forward cancelled half-way leaves the bookkeeping as it was: a plan writes only slots whose old
+contents nothing reads again, so the state can be saved and the same forward re-run exactly.
 
-* sink: the first ``sink_blocks`` blocks, K stored **un-rotated** (RoPE is applied when read, at the
-  positions just before the working cache), V as is;
-* ring: ``ring_blocks`` slots of the most recent clean blocks (block b in slot (b - sink) % slots).
-  In ``rope_mode="reference"`` their K is stored rotated at the block's absolute position; in
-  ``"relative"`` mode it is stored un-rotated and rotated when read, relative to the attention span;
-* scratch: one [B, span tokens, H, D] K and V buffer shared by all layers, where each attention's
-  keys are assembled (key order does not matter: there is no mask and RoPE is already applied).
+Storage is preallocated once per run and never grows with video length:
 
-Read rules (ALGORITHM.md section 5), for a window whose first block is s:
+* sink: the first ``sink_blocks`` blocks (or, after a re-anchor, the new scene's first blocks),
+  K stored **un-rotated** (RoPE applied when read), V as is;
+* ring: ``ring_blocks`` slots of recent clean blocks (block b in slot (b - sink) % slots); in
+  ``rope_mode="reference"`` K is stored rotated at the block's absolute position, in ``"relative"``
+  un-rotated and rotated when read, relative to the attention span;
+* scratch: one [B, span tokens, H, D] K and V buffer shared by all layers (inference only), where
+  each attention's keys are assembled (no mask, so key order does not matter).
 
-* denoising pass: keys = sink (placed immediately before the working cache) + working cache (the
-  clean blocks before s still in the ring, at most ``span - window - sink`` frames, newest last)
-  + the window itself. With no finished block yet (s = 0) the window attends only to itself.
-* clean-cache update pass for block s (after writing it): the last ``span`` frames of the cache
-  content [sink | ring blocks .. s]; the sink is at its true positions and drops out of the slice
-  once the ring is full (s >= 7 with the defaults).
+Read rules (``RollingConfig.schedule``), for a forward whose denoised blocks start at block s:
+
+* denoising queries: sink + working cache (clean blocks before s still in the ring, newest last, at
+  most ``span - query frames - sink`` frames) + the forward's own denoised frames. The sink sits
+  immediately before the working cache (``rolling``, ALGORITHM.md section 5) or at its own absolute
+  positions (``chunk_causal``, as Self-Forcing/LongLive). With nothing finished yet (s = 0) a
+  window attends only to itself;
+* clean-cache queries of block c (``rolling``): the last ``span`` frames of the cache content
+  [sink | ring blocks .. c]; the sink is at its true positions and drops out of the slice once the
+  ring fills the span. (``chunk_causal``): the same keys as a denoising query of c, with c clean.
+
+Keys the forward writes itself are served from its own fresh K/V (the same values the storage
+receives), so reads never depend on the order of writes inside a forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .config import RollingConfig
 from .rope import Rope, apply_rope
 
+OWN = -1  # KeySource.block of keys taken from the forward's own input frames
+
 
 @dataclass(frozen=True)
 class KeySource:
-    """Frames ``f0:f1`` of a stored block (``block >= 0``) or of the forward's input (``block = -1``),
-    presented to attention at absolute position ``pos`` (of frame f0)."""
+    """Frames ``f0:f1`` of stored block ``block`` (or, with ``block = OWN``, input frames f0:f1 of the
+    forward), presented to attention at absolute position ``pos`` (of frame f0)."""
 
     block: int
     f0: int
@@ -47,14 +60,15 @@ class KeySource:
         return self.f1 - self.f0
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueryGroup:
-    """Input frames ``q0:q1`` attending to ``sources``; positions are rotated relative to ``base``."""
+    """Input frames ``q0:q1`` (absolute position ``q_pos``) attending to ``sources``; positions are
+    rotated relative to ``base`` (0 in absolute RoPE mode)."""
 
     q0: int
     q1: int
     q_pos: int
-    sources: list[KeySource]
+    sources: tuple[KeySource, ...]
     base: int = 0
 
     @property
@@ -62,25 +76,116 @@ class QueryGroup:
         return sum(s.frames for s in self.sources)
 
 
-@dataclass
-class ForwardPlan:
-    """What one DiT forward reads and writes. Input frames are laid out in order; ``frame_pos[i]``
-    is the absolute latent-frame position of input frame i."""
+@dataclass(frozen=True)
+class CacheBook:
+    """Who is where: ``ring[i]`` = block in ring slot i (-1 empty); ``sink[i]`` = block in sink slot i
+    (-1 not written yet); ``targets`` = blocks that go to the sink slots when written (the first
+    blocks, or a re-anchored scene's first blocks; a re-anchor replaces the sink and drops older ring
+    blocks when its first target is written)."""
 
-    kind: str
-    frame_pos: list[int]
-    writes: list[tuple[int, int]] = field(default_factory=list)  # (block, first input frame)
-    groups: list[QueryGroup] = field(default_factory=list)
-    # filled by RollingKVCache.prepare(): rotation tables keyed by (positions tuple)
-    tables: dict = field(default_factory=dict, repr=False)
+    ring: tuple[int, ...]
+    sink: tuple[int, ...]
+    targets: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, cfg: RollingConfig) -> "CacheBook":
+        return cls((-1,) * cfg.ring_blocks, (-1,) * cfg.sink_blocks, tuple(range(cfg.sink_blocks)))
+
+    def sink_blocks(self) -> list[int]:
+        return [b for b in self.sink if b >= 0]
+
+    def cached(self) -> list[int]:
+        """Blocks whose K/V are stored (sink first, then the ring, oldest first)."""
+        sink = self.sink_blocks()
+        return sink + sorted(b for b in self.ring if b >= 0 and b not in sink)
+
+    def ring_slot(self, b: int) -> int:
+        return (b - len(self.sink)) % len(self.ring)
+
+    def in_ring(self, b: int) -> bool:
+        return b >= 0 and bool(self.ring) and self.ring[self.ring_slot(b)] == b
+
+    def write(self, b: int) -> tuple["CacheBook", tuple[str, int]]:
+        """The book after writing block b, and where b goes: ("sink", i) or ("ring", i)."""
+        if b in self.targets:
+            i = self.targets.index(b)
+            ring = self.ring
+            if self.targets != tuple(range(len(self.targets))) and i == 0 and self.sink[0] != b:
+                ring = tuple(x if x > b else -1 for x in ring)  # re-anchor: the new scene replaces the old
+            sink = self.sink[:i] + (b,) + self.sink[i + 1:]
+            return replace(self, ring=ring, sink=sink), ("sink", i)
+        s = self.ring_slot(b)
+        return replace(self, ring=self.ring[:s] + (b,) + self.ring[s + 1:]), ("ring", s)
+
+    def reanchor(self, first: int) -> "CacheBook":
+        """Blocks ``first ..`` become the sink when written; until then the current sink stays in use."""
+        return replace(self, targets=tuple(range(first, first + len(self.sink))))
+
+    def ring_after(self, newest: int) -> list[int]:
+        """Non-sink blocks in the ring once ``newest`` is there (oldest first)."""
+        lo = max(len(self.sink), newest - len(self.ring) + 1)
+        sink = set(self.sink) | set(self.targets)
+        return [b for b in range(lo, newest + 1) if b not in sink and (b == newest or self.in_ring(b))]
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """What one DiT forward writes and reads. Input frame i is at absolute position ``frame_pos[i]``;
+    ``writes`` are (block, first input frame, "sink"/"ring", slot); ``book`` is the bookkeeping after the
+    forward; ``tables`` the RoPE tables by (first position, frames)."""
+
+    frame_pos: tuple[int, ...]
+    writes: tuple[tuple[int, int, str, int], ...]
+    groups: tuple[QueryGroup, ...]
+    book: CacheBook
+    tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_frames(self) -> int:
         return len(self.frame_pos)
 
 
+def assemble_keys(parts: list, k: torch.Tensor, v: torch.Tensor, tpf: int, out=None):
+    """Keys and values [B, L, H, D] of one query group from its ``parts`` (:meth:`RollingKVCache.key_parts`):
+    stored views rotated where needed, and slices of the forward's own un-rotated k, v rotated at their
+    positions. ``out=(K, V)`` buffers receive them (no allocation); without it they are concatenated
+    (autograd-safe: training)."""
+    ks, vs = [], []
+    for src, a, b, rope in parts:
+        if src == "own":
+            kk, vv = apply_rope(k[:, a * tpf:b * tpf], *rope), v[:, a * tpf:b * tpf]
+        else:
+            kk, vv = (apply_rope(a, *rope) if rope is not None else a), b
+        ks.append(kk.to(k.dtype))
+        vs.append(vv.to(v.dtype))
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    if out is None:
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+    n = 0
+    for kk, vv in zip(ks, vs):
+        m = kk.shape[1]
+        out[0][:, n:n + m].copy_(kk)
+        out[1][:, n:n + m].copy_(vv)
+        n += m
+    return out[0][:, :n], out[1][:, :n]
+
+
+def cached_attention(plan: KVPlan, parts: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn,
+                     tpf: int, scratch=None) -> torch.Tensor:
+    """Self-attention of one layer over a KV plan: each query group (rotated at its positions) attends
+    to its keys (``parts[g]``, see :func:`rolling.cache.assemble_keys`). q, k, v un-rotated [B, L, H, D]."""
+    outs = []
+    for g, pg in zip(plan.groups, parts):
+        qg = apply_rope(q[:, g.q0 * tpf:g.q1 * tpf], *plan.tables[(g.q_pos - g.base, g.q1 - g.q0)])
+        outs.append(attn(qg, *assemble_keys(pg, k, v, tpf, scratch)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 class RollingKVCache:
     """KV cache for one run: B videos of one size. See the module docstring for the rules."""
+
+    scratch = True  # inference assembles keys in a preallocated buffer
 
     def __init__(self, cfg: RollingConfig, *, num_layers: int, num_heads: int, head_dim: int,
                  batch: int, grid: tuple[int, int], device, dtype, rope: Rope | None = None):
@@ -91,243 +196,185 @@ class RollingKVCache:
         self.bt = self.fb * self.tpf  # tokens per block
         self.device, self.dtype = torch.device(device), dtype
         self.rope = rope or Rope(head_dim)
-        n_sink, n_ring = cfg.sink_blocks, cfg.ring_blocks
-        shape = (num_layers, batch, 0, num_heads, head_dim)
+        self.adjacent_sink = cfg.schedule == "rolling"
 
-        def buf(tokens):
-            return torch.zeros(shape[:2] + (tokens,) + shape[3:], device=device, dtype=dtype)
+        def buf(blocks):
+            return torch.zeros((num_layers, batch, blocks * self.bt, num_heads, head_dim), device=device, dtype=dtype)
 
-        self.sink_k, self.sink_v = buf(n_sink * self.bt), buf(n_sink * self.bt)
-        self.ring_k, self.ring_v = buf(n_ring * self.bt), buf(n_ring * self.bt)
-        span_tokens = cfg.span_frames * self.tpf
-        self.scratch_k = torch.empty((batch, span_tokens, num_heads, head_dim), device=device, dtype=dtype)
-        self.scratch_v = torch.empty_like(self.scratch_k)
+        self.sink_k, self.sink_v = buf(cfg.sink_blocks), buf(cfg.sink_blocks)
+        self.ring_k, self.ring_v = buf(cfg.ring_blocks), buf(cfg.ring_blocks)
+        if self.scratch:
+            span = cfg.span_frames * self.tpf
+            self.scratch_k = torch.empty((batch, span, num_heads, head_dim), device=device, dtype=dtype)
+            self.scratch_v = torch.empty_like(self.scratch_k)
         self.reset()
 
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
         """Forget all blocks (the buffers are reused; nothing is reallocated)."""
-        self.slot_block = [-1] * self.cfg.ring_blocks
-        self.sink_ids = list(range(self.cfg.sink_blocks))  # block held (or to be held) by each sink slot
-        self.sink_written = [False] * self.cfg.sink_blocks
-        self.sink_pending: list[int] = []  # re-anchor targets: these blocks go to the sink when written
+        self.book = CacheBook.empty(self.cfg)
 
-    def reanchor(self, first_block: int) -> None:
-        """Scene change: blocks ``first_block ..`` (sink_blocks of them) replace the sink when written;
-        older ring blocks are dropped then. Until that write the current sink stays in use."""
-        self.sink_pending = list(range(first_block, first_block + self.cfg.sink_blocks))
+    def commit(self, plan: KVPlan) -> None:
+        """Install the bookkeeping of a forward that has run."""
+        self.book = plan.book
+
+    def cached_blocks(self) -> list[int]:
+        return self.book.cached()
 
     def state_dict(self) -> dict:
         """Full cache state (tensors are the live buffers: clone before mutating the cache further)."""
+        b = self.book
         return {"sink_k": self.sink_k, "sink_v": self.sink_v, "ring_k": self.ring_k, "ring_v": self.ring_v,
-                "slot_block": list(self.slot_block), "sink_ids": list(self.sink_ids),
-                "sink_written": list(self.sink_written), "sink_pending": list(self.sink_pending)}
+                "ring": list(b.ring), "sink": list(b.sink), "targets": list(b.targets)}
 
     def load_state_dict(self, st: dict) -> None:
         for k in ("sink_k", "sink_v", "ring_k", "ring_v"):
             getattr(self, k).copy_(st[k])
-        self.slot_block, self.sink_ids = list(st["slot_block"]), list(st["sink_ids"])
-        self.sink_written, self.sink_pending = list(st["sink_written"]), list(st["sink_pending"])
-
-    def cached_blocks(self) -> list[int]:
-        """Blocks whose K/V are in the cache (sink first, then the ring, oldest first)."""
-        sink = [b for b, w in zip(self.sink_ids, self.sink_written) if w]
-        return sink + sorted(b for b in self.slot_block if b >= 0 and b not in sink)
-
-    def _sink_slot(self, b: int) -> int | None:
-        for i, (sb, w) in enumerate(zip(self.sink_ids, self.sink_written)):
-            if w and sb == b:
-                return i
-        return None
+        self.book = CacheBook(tuple(st["ring"]), tuple(st["sink"]), tuple(st["targets"]))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.scratch_k, self.scratch_v))
+        bufs = [self.sink_k, self.sink_v, self.ring_k, self.ring_v]
+        if self.scratch:
+            bufs += [self.scratch_k, self.scratch_v]
+        return sum(t.numel() * t.element_size() for t in bufs)
 
-    def _ring_slot(self, b: int) -> int:
-        return (b - self.cfg.sink_blocks) % self.cfg.ring_blocks
+    # ------------------------------------------------------------------ plans (pure)
+    def plan(self, fwd) -> KVPlan:
+        """The plan of a :class:`rolling.schedule.Forward` (its clean blocks, then its denoised blocks)."""
+        fb = self.fb
+        book, writes = self.book, []
+        for i, b in enumerate(fwd.clean):
+            book, (where, slot) = book.write(b)
+            writes.append((b, i * fb, where, slot))
+        pos = [b * fb + f for b in fwd.clean + fwd.blocks for f in range(fb)]
+        written = {b: f0 for b, f0, _, _ in writes}
+        groups = [self._clean_group(book, i * fb, b, written) for i, b in enumerate(fwd.clean)]
+        if fwd.blocks:
+            groups.append(self._denoise_group(book, len(fwd.clean) * fb, fwd.blocks[0], len(fwd.blocks) * fb,
+                                              written))
+        if self.cfg.rope_mode == "relative":
+            groups = [replace(g, base=min(s.pos for s in g.sources)) for g in groups]
+        tables = {}
+        hp, wp = self.grid
+        for g in groups:
+            for p, n in [(g.q_pos - g.base, g.q1 - g.q0)] + [(s.pos - g.base, s.frames) for s in g.sources]:
+                if (p, n) not in tables:
+                    tables[(p, n)] = self.rope.tables(range(p, p + n), hp, wp, self.device)
+        plan = KVPlan(tuple(pos), tuple(writes), tuple(groups), book, tables)
+        self.check(plan)
+        return plan
 
-    def _in_ring(self, b: int) -> bool:
-        return b >= 0 and self.slot_block[self._ring_slot(b)] == b
+    def reanchored(self, first: int) -> KVPlan:
+        """A plan that runs nothing and re-anchors the sink on blocks ``first ..`` (see CacheBook)."""
+        return KVPlan((), (), (), self.book.reanchor(first))
 
-    def _ring_after_write(self, newest: int) -> list[int]:
-        """Non-sink blocks in the ring once ``newest`` has been written (oldest first)."""
-        lo = max(self.cfg.sink_blocks, newest - self.cfg.ring_blocks + 1)
-        sink = set(self.sink_ids)
-        return [b for b in range(lo, newest + 1) if b not in sink and (b == newest or self._in_ring(b))]
+    def _own(self, b: int, f0: int, f1: int, written: dict) -> KeySource | None:
+        """Frames f0:f1 of block b served from this forward's input, if it writes b."""
+        if b not in written:
+            return None
+        return KeySource(OWN, written[b] + f0, written[b] + f1, b * self.fb + f0)
 
-    def _is_sink_target(self, b: int) -> bool:
-        return b in self.sink_pending or (b in self.sink_ids and not self.sink_pending)
+    def _history(self, book: CacheBook, first: int, budget: int, written: dict) -> list[KeySource]:
+        """Working cache: the newest clean non-sink blocks before ``first``, up to ``budget`` frames."""
+        fb, out = self.fb, []
+        for b in reversed([b for b in book.ring_after(first) if b < first]):
+            if budget <= 0:
+                break
+            take = min(fb, budget)
+            out.insert(0, self._own(b, fb - take, fb, written) or KeySource(b, fb - take, fb, b * fb + fb - take))
+            budget -= take
+        return out
 
-    def _denoise_group(self, q0: int, first: int, num_frames: int) -> QueryGroup:
-        """Keys of a denoising pass over ``num_frames`` input frames starting at block ``first``."""
+    def _denoise_group(self, book: CacheBook, q0: int, first: int, frames: int, written: dict) -> QueryGroup:
+        """Keys of ``frames`` input frames from q0 on, denoised blocks starting at block ``first``."""
         cfg, fb = self.cfg, self.fb
         pos = first * fb
-        sink = [b for b, w in zip(self.sink_ids, self.sink_written) if w and b < first]
+        sink = [b for b in book.sink_blocks() if b < first]
         sources: list[KeySource] = []
-        if sink or (cfg.sink_blocks == 0 and first > 0):  # history exists: sink (if any) + working cache
-            # working cache: clean non-sink blocks before `first` that survive the write of `first`
-            cand = [b for b in self._ring_after_write(first) if b < first]
-            budget = cfg.span_frames - num_frames - len(sink) * fb
-            work: list[KeySource] = []
-            for b in reversed(cand):
-                if budget <= 0:
-                    break
-                take = min(fb, budget)
-                work.insert(0, KeySource(b, fb - take, fb, b * fb + fb - take))
-                budget -= take
+        if sink or (cfg.sink_blocks == 0 and first > 0):  # history exists
+            work = self._history(book, first, cfg.span_frames - frames - len(sink) * fb, written)
             wf = sum(s.frames for s in work)
-            sink_pos = pos - wf - len(sink) * fb
-            sources += [KeySource(b, 0, fb, sink_pos + i * fb, sink=True) for i, b in enumerate(sink)]
+            for i, b in enumerate(sink):
+                p = pos - wf - (len(sink) - i) * fb if self.adjacent_sink else b * fb
+                own = self._own(b, 0, fb, written)
+                sources.append(replace(own, pos=p) if own else KeySource(b, 0, fb, p, sink=True))
             sources += work
-        sources.append(KeySource(-1, q0, q0 + num_frames, pos))
-        return QueryGroup(q0, q0 + num_frames, pos, sources)
+        sources.append(KeySource(OWN, q0, q0 + frames, pos))
+        return QueryGroup(q0, q0 + frames, pos, tuple(sources))
 
-    def _update_group(self, q0: int, block: int) -> QueryGroup:
-        """Keys of the clean-cache update pass of ``block`` (after it has been written)."""
+    def _clean_group(self, book: CacheBook, q0: int, block: int, written: dict) -> QueryGroup:
+        """Keys of the clean-cache pass of ``block`` (input frames q0 .. q0 + fb), after it is written."""
         cfg, fb = self.cfg, self.fb
-        in_sink = self._sink_slot(block) is not None
-        content = [(b, True) for b, w in zip(self.sink_ids, self.sink_written) if w and b <= block]
+        if not self.adjacent_sink:  # chunk_causal: the history a denoising query of the block reads
+            return self._denoise_group(book, q0, block, fb, {b: f for b, f in written.items() if b != block})
+        in_sink = block in book.sink
+        content = [(b, True) for b in book.sink_blocks() if b <= block]
         if not in_sink:
-            content += [(b, False) for b in self._ring_after_write(block)]
+            content += [(b, False) for b in book.ring_after(block)]
         sources: list[KeySource] = []
         budget = cfg.span_frames
         for b, is_sink in reversed(content):
             if budget <= 0:
                 break
             take = min(fb, budget)
-            sources.insert(0, KeySource(b, fb - take, fb, b * fb + fb - take, sink=is_sink))
+            sources.insert(0, self._own(b, fb - take, fb, written)
+                           or KeySource(b, fb - take, fb, b * fb + fb - take, sink=is_sink))
             budget -= take
-        return QueryGroup(q0, q0 + fb, block * fb, sources)
-
-    # ------------------------------------------------------------------ plans
-    def plan_denoise(self, first: int, num_blocks: int) -> ForwardPlan:
-        nf = num_blocks * self.fb
-        plan = ForwardPlan("denoise", list(range(first * self.fb, first * self.fb + nf)))
-        self._commit(plan)
-        plan.groups.append(self._denoise_group(0, first, nf))
-        return self._finish(plan)
-
-    def plan_update(self, block: int) -> ForwardPlan:
-        plan = ForwardPlan("update", list(range(block * self.fb, (block + 1) * self.fb)), writes=[(block, 0)])
-        self._commit(plan)
-        plan.groups.append(self._update_group(0, block))
-        return self._finish(plan)
-
-    def plan_fused(self, clean_block: int, first: int, num_blocks: int) -> ForwardPlan:
-        """[clean block ; window] in one forward: writes the clean block, two attention groups."""
-        fb, nf = self.fb, num_blocks * self.fb
-        pos = list(range(clean_block * fb, (clean_block + 1) * fb)) + list(range(first * fb, first * fb + nf))
-        plan = ForwardPlan("fused", pos, writes=[(clean_block, 0)])
-        self._commit(plan)
-        plan.groups.append(self._update_group(0, clean_block))
-        plan.groups.append(self._denoise_group(fb, first, nf))
-        return self._finish(plan)
-
-    def _commit(self, plan: ForwardPlan) -> None:
-        """Record the plan's writes in the bookkeeping (the tensors are written when it runs)."""
-        plan.targets = []  # type: ignore[attr-defined]
-        for b, _ in plan.writes:
-            if self._is_sink_target(b):
-                if b in self.sink_pending:  # re-anchor: the new scene's first block(s) become the sink
-                    i = self.sink_pending.index(b)
-                    if i == 0:
-                        self.slot_block = [x if x > b else -1 for x in self.slot_block]
-                    self.sink_ids[i] = b
-                    self.sink_written[i] = True
-                    if i == len(self.sink_pending) - 1:
-                        self.sink_pending = []
-                else:
-                    i = self.sink_ids.index(b)
-                    self.sink_written[i] = True
-                plan.targets.append(("sink", i))
-            else:
-                self.slot_block[self._ring_slot(b)] = b
-                plan.targets.append(("ring", self._ring_slot(b)))
-
-    def _finish(self, plan: ForwardPlan) -> ForwardPlan:
-        relative = self.cfg.rope_mode == "relative"
-        for g in plan.groups:
-            g.base = min(s.pos for s in g.sources) if relative else 0
-        return plan
+        return QueryGroup(q0, q0 + fb, block * fb, tuple(sources))
 
     # ------------------------------------------------------------------ execution
-    def prepare(self, plan: ForwardPlan) -> None:
-        """Check the plan against the cache and build its rotation tables (once per forward)."""
+    def check(self, plan: KVPlan) -> None:
+        """Every stored key a plan reads must be in the cache (a bookkeeping invariant)."""
         for g in plan.groups:
             for s in g.sources:
-                if s.block >= 0 and (self._sink_slot(s.block) is None if s.sink else not self._in_ring(s.block)):
+                if s.block >= 0 and (s.block not in plan.book.sink if s.sink else not plan.book.in_ring(s.block)):
                     raise RuntimeError(f"internal error: block {s.block} is not in the KV cache")
-        hp, wp = self.grid
-
-        def table(first_pos: int, frames: int):
-            key = (first_pos, frames)
-            if key not in plan.tables:
-                plan.tables[key] = self.rope.tables(range(first_pos, first_pos + frames), hp, wp, self.device)
-            return plan.tables[key]
-        plan.table = table  # type: ignore[attr-defined]
 
     def _stored_rotated(self, sink: bool) -> bool:
         return self.cfg.rope_mode == "reference" and not sink
 
-    def _slot(self, layer: int, block: int, sink: bool):
+    def _slot(self, layer: int, book: CacheBook, block: int, sink: bool):
         if sink:
-            return self.sink_k[layer], self.sink_v[layer], self._sink_slot(block) * self.bt
-        return self.ring_k[layer], self.ring_v[layer], self._ring_slot(block) * self.bt
+            return self.sink_k[layer], self.sink_v[layer], book.sink.index(block) * self.bt
+        return self.ring_k[layer], self.ring_v[layer], book.ring_slot(block) * self.bt
 
-    def write(self, layer: int, plan: ForwardPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+    def key_parts(self, layer: int, plan: KVPlan, g: QueryGroup) -> list:
+        """What :func:`assemble_keys` needs for group g in ``layer``: ("own", f0, f1, rope) for the
+        forward's own frames, ("stored", k view, v view, rope or None) for cached keys (detached views)."""
+        tpf, fb, parts = self.tpf, self.fb, []
+        for s in g.sources:
+            rope = plan.tables[(s.pos - g.base, s.frames)]
+            if s.block == OWN:
+                parts.append(("own", s.f0, s.f1, rope))
+                continue
+            kst, vst, t0 = self._slot(layer, plan.book, s.block, s.sink)
+            kv = kst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf].detach(), vst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf].detach()
+            if self._stored_rotated(s.sink):
+                if not (s.pos == s.block * fb + s.f0 and g.base == 0):
+                    raise RuntimeError("internal error: re-positioning a rotated key")
+                rope = None
+            parts.append(("stored", *kv, rope))
+        return parts
+
+    @torch.no_grad()
+    def write(self, layer: int, plan: KVPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the plan's blocks from one layer's un-rotated k, v [B, L, H, D] (K rotated first where
-        the cache keeps it rotated)."""
+        the cache keeps it rotated); detached copies."""
         tpf, fb = self.tpf, self.fb
-        for (b, f0), (where, slot) in zip(plan.writes, plan.targets):  # type: ignore[attr-defined]
+        for b, f0, where, slot in plan.writes:
             kb, vb = k[:, f0 * tpf:(f0 + fb) * tpf], v[:, f0 * tpf:(f0 + fb) * tpf]
             if self._stored_rotated(where == "sink"):
-                kb = apply_rope(kb, *plan.table(plan.frame_pos[f0], fb))  # type: ignore[attr-defined]
-            store_k, store_v = (self.sink_k, self.sink_v) if where == "sink" else (self.ring_k, self.ring_v)
+                kb = apply_rope(kb, *plan.tables[(plan.frame_pos[f0], fb)])
+            sk, sv = (self.sink_k, self.sink_v) if where == "sink" else (self.ring_k, self.ring_v)
             t0 = slot * self.bt
-            store_k[layer][:, t0:t0 + self.bt].copy_(kb)
-            store_v[layer][:, t0:t0 + self.bt].copy_(vb)
+            sk[layer][:, t0:t0 + self.bt].copy_(kb)
+            sv[layer][:, t0:t0 + self.bt].copy_(vb)
 
-    def attend(self, layer: int, plan: ForwardPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def attend(self, layer: int, plan: KVPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn) -> torch.Tensor:
-        """Self-attention of one layer. q, k, v: [B, L, H, D] un-rotated, for the plan's input tokens.
-        Writes the plan's blocks into the cache, then attends per query group. Returns [B, L, H, D]."""
-        tpf, fb = self.tpf, self.fb
-        table = plan.table  # type: ignore[attr-defined]
+        """Self-attention of one layer (inference). q, k, v: [B, L, H, D] un-rotated, for the plan's input
+        tokens. Writes the plan's blocks into the cache and attends per query group. Returns [B, L, H, D]."""
         self.write(layer, plan, k, v)
-        if len(plan.groups) == 1 and plan.groups[0].q0 == 0 and plan.groups[0].q1 == plan.num_frames:
-            out = None
-        else:
-            out = torch.empty_like(q)
-        for g in plan.groups:
-            qg = q[:, g.q0 * tpf:g.q1 * tpf]
-            qg = apply_rope(qg, *table(g.q_pos - g.base, g.q1 - g.q0))
-            if len(g.sources) == 1 and g.sources[0].block < 0:
-                s = g.sources[0]
-                kk = apply_rope(k[:, s.f0 * tpf:s.f1 * tpf], *table(s.pos - g.base, s.frames))
-                vv = v[:, s.f0 * tpf:s.f1 * tpf]
-            else:
-                n = 0
-                for s in g.sources:
-                    m = s.frames * tpf
-                    if s.block < 0:
-                        ks_ = apply_rope(k[:, s.f0 * tpf:s.f1 * tpf], *table(s.pos - g.base, s.frames))
-                        vs_ = v[:, s.f0 * tpf:s.f1 * tpf]
-                    else:
-                        kst, vst, t0 = self._slot(layer, s.block, s.sink)
-                        ks_ = kst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf]
-                        vs_ = vst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf]
-                        if not (self._stored_rotated(s.sink) and s.pos == s.block * fb + s.f0 and g.base == 0):
-                            if self._stored_rotated(s.sink):  # stored rotated but needed elsewhere
-                                raise RuntimeError("internal error: re-positioning a rotated key")
-                            ks_ = apply_rope(ks_, *table(s.pos - g.base, s.frames))
-                    self.scratch_k[:, n:n + m].copy_(ks_)
-                    self.scratch_v[:, n:n + m].copy_(vs_)
-                    n += m
-                kk, vv = self.scratch_k[:, :n], self.scratch_v[:, :n]
-            o = attn(qg, kk, vv)
-            if out is None:
-                return o
-            out[:, g.q0 * tpf:g.q1 * tpf] = o
-        return out
+        parts = [self.key_parts(layer, plan, g) for g in plan.groups]
+        return cached_attention(plan, parts, q, k, v, attn, self.tpf, (self.scratch_k, self.scratch_v))

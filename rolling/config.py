@@ -5,7 +5,8 @@ frames (3 in the release); one latent frame decodes to 4 pixel frames (the first
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 PIXEL_FPS = 16
@@ -73,6 +74,9 @@ PRESETS = {
 }
 
 REFERENCE_STEPS = (1000, 800, 600, 400, 200)
+UPDATE_MODES = ("reference", "fused")
+ROPE_MODES = ("reference", "relative")
+SCHEDULES = ("rolling", "chunk_causal")  # the generators live in rolling.schedule
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class RollingConfig:
             or ``fused`` (folded into the next window's forward; needless passes skipped).
         rope_mode: ``reference`` (absolute latent-frame positions, as published, but without the
             1,024-position limit) or ``relative`` (positions relative to the attention span).
+        schedule: ``rolling`` (Rolling Forcing's joint window, the default) or ``chunk_causal``
+            (Self-Forcing / CausVid: one block at a time through all its steps; its sink, if any, keeps
+            its absolute positions); see :mod:`rolling.schedule`.
     """
 
     steps: tuple[int, ...] = REFERENCE_STEPS
@@ -103,6 +110,7 @@ class RollingConfig:
     context_noise: float = 0.0
     update_mode: str = "reference"
     rope_mode: str = "reference"
+    schedule: str = "rolling"
 
     def __post_init__(self) -> None:
         steps = validate_steps(self.steps)
@@ -110,27 +118,34 @@ class RollingConfig:
         fb = self.frames_per_block
         if not isinstance(fb, int) or fb < 1:
             raise ValueError(f"frames_per_block must be a positive integer, got {fb!r}")
-        if not (self.shift > 0):
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not (self.shift > 0) or math.isinf(self.shift):
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift}")
+        for name in ("span_frames", "capacity_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive whole number of latent frames, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
             raise ValueError(f"sink_blocks must be an integer >= 0, got {self.sink_blocks!r}")
         window = self.window_frames
         if self.span_frames < window + self.sink_frames:
+            what = f"{len(steps)} steps x {fb} frames" if self.schedule == "rolling" else f"one block of {fb} frames"
             raise ValueError(
-                f"span_frames ({self.span_frames}) must be at least window ({window} = {len(steps)} steps x "
-                f"{fb} frames) + sink ({self.sink_frames}) = {window + self.sink_frames} latent frames")
+                f"span_frames ({self.span_frames}) must be at least window ({window} = {what}) + sink "
+                f"({self.sink_frames}) = {window + self.sink_frames} latent frames")
         if self.capacity_frames % fb:
             raise ValueError(f"capacity_frames ({self.capacity_frames}) must be a multiple of frames_per_block ({fb})")
         if self.capacity_frames < self.sink_frames + fb:
             raise ValueError(
                 f"capacity_frames ({self.capacity_frames}) must hold the sink ({self.sink_frames}) plus at least "
                 f"one block ({fb}): minimum {self.sink_frames + fb}")
-        if not (0 <= self.context_noise < 1000):
+        if not (0 <= self.context_noise < 1000):  # also refuses nan
             raise ValueError(f"context_noise must be in [0, 1000), got {self.context_noise}")
-        if self.update_mode not in ("reference", "fused"):
-            raise ValueError(f"update_mode must be 'reference' or 'fused', got {self.update_mode!r}")
-        if self.rope_mode not in ("reference", "relative"):
-            raise ValueError(f"rope_mode must be 'reference' or 'relative', got {self.rope_mode!r}")
+        if self.update_mode not in UPDATE_MODES:
+            raise ValueError(f"update_mode must be one of {', '.join(UPDATE_MODES)}, got {self.update_mode!r}")
+        if self.rope_mode not in ROPE_MODES:
+            raise ValueError(f"rope_mode must be one of {', '.join(ROPE_MODES)}, got {self.rope_mode!r}")
 
     @property
     def num_steps(self) -> int:
@@ -142,7 +157,13 @@ class RollingConfig:
 
     @property
     def window_frames(self) -> int:
-        return len(self.steps) * self.frames_per_block
+        """Latent frames one denoising forward holds: T blocks (rolling) or one block (chunk_causal)."""
+        return (len(self.steps) if self.schedule == "rolling" else 1) * self.frames_per_block
+
+    @property
+    def writes(self) -> str:
+        """How clean-cache writes are placed (rolling.schedule.WRITES): every (reference) or fused."""
+        return "fused" if self.update_mode == "fused" else "every"
 
     @property
     def sink_frames(self) -> int:

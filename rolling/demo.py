@@ -13,7 +13,7 @@ from .config import PIXEL_FPS, RollingConfig, WanConfig
 from .model import build_model
 from .preview import latent_to_rgb
 from .sampler import RollingSampler
-from .schedule import blocks_for_seconds, pixel_frames
+from .timing import Timeline, pixel_frames
 
 DEMO_MODEL = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32)
 
@@ -32,7 +32,7 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=
     context = torch.zeros(1, 512, DEMO_MODEL.text_dim)
     context[:, :16] = torch.randn(1, 16, DEMO_MODEL.text_dim)  # 16 "prompt tokens", rest zero padding
     cfg = RollingConfig(update_mode=update_mode)
-    num_blocks = blocks_for_seconds(seconds, frames_per_block=cfg.frames_per_block)
+    num_blocks = Timeline(cfg.frames_per_block).blocks_for(seconds)
     h, w = latent_hw
     sampler = RollingSampler(model, cfg, height=h, width=w, device=device, dtype=torch.float32, seed=seed)
     total_px = pixel_frames(num_blocks * cfg.frames_per_block)

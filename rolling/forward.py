@@ -13,8 +13,13 @@ cast by itself is handled here the way ComfyUI's own WanModel does it:
 * a float32 patch embedding (ComfyUI keeps it in float32 whatever the weight dtype) gets float32
   input and its output is cast back to the compute dtype (:func:`embed_patches`).
 
+The transformer block (:func:`block_forward`), the time and text embeddings and the head are written
+once and shared by inference (:func:`forward`, no autograd, memoised embeddings, a KV cache) and
+training (:class:`rolling.train.dit.WanDiT`, autograd, the same cache plans or full attention).
+
 Shapes: latents are [B, C, F, H, W] (channel-first, F latent frames); tokens are [B, F*h*w, dim]
-with (h, w) = (H, W) / patch, frame-major then row then column.
+with (h, w) = (H, W) / patch, frame-major then row then column; per-frame time embeddings are
+[B or 1, F, dim] (``e``) and [B or 1, F, 6, dim] (``e0``).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .cache import ForwardPlan, RollingKVCache
+from .cache import KVPlan, RollingKVCache
 
 
 @dataclass(frozen=True)
@@ -89,34 +94,6 @@ def embed_patches(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pe(x.float() if fp32 else x).to(x.dtype).flatten(2).transpose(1, 2)
 
 
-class TextContext:
-    """Per-prompt cross-attention keys/values for every layer, computed once (text MLP included).
-
-    ``context``: [B, Lt, text_dim] umT5 embeddings (padding zeroed). Attends to all Lt positions."""
-
-    def __init__(self, model: nn.Module, context: torch.Tensor, *, dtype, device):
-        arch = WanArch.of(model)
-        if context.ndim == 2:
-            context = context.unsqueeze(0)
-        if context.ndim != 3 or context.shape[-1] != arch.text_dim:
-            raise ValueError(f"text context must be [B, tokens, {arch.text_dim}] for this model, got "
-                             f"{list(context.shape)}")
-        self.batch, self.tokens = context.shape[0], context.shape[1]
-        with torch.no_grad():
-            emb = model.text_embedding(context.to(device=device, dtype=dtype))
-            h, d = arch.num_heads, arch.head_dim
-            self.kv = []
-            for blk in model.blocks:
-                ca = blk.cross_attn
-                k = ca.norm_k(ca.k(emb)).view(self.batch, -1, h, d)
-                v = ca.v(emb).view(self.batch, -1, h, d)
-                self.kv.append((k, v))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
-
-
 def sinusoid(freq_dim: int, t: float) -> list[float]:
     """Wan's timestep embedding of one value, in float64: [cos(t w_j)..., sin(t w_j)...], w_j = 10000^(-j/half)."""
     half = freq_dim // 2
@@ -124,73 +101,131 @@ def sinusoid(freq_dim: int, t: float) -> list[float]:
     return [math.cos(a) for a in ang] + [math.sin(a) for a in ang]
 
 
+def embed_time(model: nn.Module, values: Sequence[float], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e [U, dim] and e0 [U, 6, dim] of timesteps ``values`` (0..1000 scale; sinusoid in float64, then
+    the time MLP in ``like``'s dtype on its device)."""
+    sin = torch.tensor([sinusoid(model.time_embedding[0].weight.shape[1], t) for t in values], dtype=torch.float64)
+    e = model.time_embedding(sin.to(device=like.device, dtype=like.dtype))
+    return e, model.time_projection(e).unflatten(-1, (6, e.shape[-1]))
+
+
+def embed_text(model: nn.Module, context: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The text MLP over umT5 embeddings [B, Lt, text_dim] -> [B, Lt, dim] (all positions, padding too)."""
+    if context.ndim == 2:
+        context = context.unsqueeze(0)
+    text_dim = model.text_embedding[0].weight.shape[1]
+    if context.ndim != 3 or context.shape[-1] != text_dim:
+        raise ValueError(f"text context must be [B, tokens, {text_dim}] for this model, got {list(context.shape)}")
+    return model.text_embedding(context.to(device=like.device, dtype=like.dtype))
+
+
+def cross_kv(blk: nn.Module, emb: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's cross-attention keys and values [B, Lt, H, D] from the embedded text."""
+    ca, b = blk.cross_attn, emb.shape[0]
+    return ca.norm_k(ca.k(emb)).view(b, -1, heads, emb.shape[-1] // heads), ca.v(emb).view(b, -1, heads,
+                                                                                              emb.shape[-1] // heads)
+
+
+class TextContext:
+    """Per-prompt cross-attention keys/values for every layer, computed once (text MLP included).
+
+    ``context``: [B, Lt, text_dim] umT5 embeddings (padding zeroed). Attends to all Lt positions."""
+
+    def __init__(self, model: nn.Module, context: torch.Tensor, *, dtype, device):
+        heads = WanArch.of(model).num_heads
+        with torch.no_grad():
+            emb = embed_text(model, context, torch.empty(0, device=device, dtype=dtype))
+            self.batch, self.tokens = emb.shape[0], emb.shape[1]
+            self.kv = [cross_kv(blk, emb, heads) for blk in model.blocks]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
+
+
 class TimeEmbedder:
-    """Per-frame time embedding ``e`` [F, dim] and projection ``e0`` [F, 6, dim], memoised per
-    timestep pattern (a run uses a handful), so the time MLP runs once per pattern, not per forward."""
+    """Per-frame ``e`` [1, F, dim] and ``e0`` [1, F, 6, dim] without autograd, memoised per timestep
+    pattern (a run uses a handful), so the time MLP runs once per pattern, not per forward."""
 
     def __init__(self, model: nn.Module, *, dtype, device):
-        self.model, self.arch = model, WanArch.of(model)
-        self.dtype, self.device = dtype, torch.device(device)
+        self.model = model
+        self.like = torch.empty(0, dtype=dtype, device=device)
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, timesteps: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         key = tuple(float(t) for t in timesteps)
         hit = self._memo.get(key)
         if hit is None:
-            sin = torch.tensor([sinusoid(self.arch.freq_dim, t) for t in key], dtype=torch.float64)
+            uniq = sorted(set(key))
             with torch.no_grad():
-                e = self.model.time_embedding(sin.to(self.dtype).to(self.device))
-                e0 = self.model.time_projection(e).view(len(key), 6, self.arch.dim)
-            hit = self._memo[key] = (e, e0)
+                e, e0 = embed_time(self.model, uniq, self.like)
+            sel = torch.tensor([uniq.index(t) for t in key], device=e.device)
+            hit = self._memo[key] = (e[sel].unsqueeze(0), e0[sel].unsqueeze(0))
         return hit
 
 
-def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequence[float],
-            plan: ForwardPlan, cache: RollingKVCache, text: list[tuple[int, int, TextContext]],
-            time: TimeEmbedder, attn, cast: ParamCast | None = None) -> torch.Tensor:
-    """One causal DiT forward over input latents x [B, C, F, H, W] with per-frame ``timesteps`` (F).
+def block_forward(blk: nn.Module, tok: torch.Tensor, e0: torch.Tensor, *, frames: int, heads: int,
+                  self_attention: Callable, text, attn, cast: ParamCast | None = None, want_kv: bool = False):
+    """One Wan2.1 transformer block (ALGORITHM.md 1.2 step 4) on tokens [B, F*tpf, dim].
 
-    ``plan`` (from ``cache.plan_*``) says what the self-attention reads and writes; ``text`` lists
-    (first frame, end frame, TextContext) ranges covering the F input frames. Returns the flow
-    prediction v [B, C_out, F, H, W] in x's dtype. ``cast`` moves bare parameters (see the module docstring).
-    """
-    b, _, f, hh, ww = x.shape
-    pt, ph, pw = arch.patch_size
-    hp, wp = hh // ph, ww // pw
-    tpf = hp * wp
-    heads, hd = arch.num_heads, arch.head_dim
-    cache.prepare(plan)
-    e, e0 = time(timesteps)  # [F, dim], [F, 6, dim]
+    ``e0`` [B or 1, F, 6, dim]; ``self_attention(q, k, v) -> [B, L, H, D]`` takes un-rotated q/k/v;
+    ``text`` is the embedded prompt [B, Lt, dim] (cross K/V projected here, inside autograd) or a list
+    of (first frame, end frame, (k, v)) ranges with precomputed cross K/V [B, Lt, H, D]. With
+    ``want_kv`` also returns the un-rotated self-attention k, v (for cache writes outside)."""
+    b, n, dim = tok.shape
+    tpf, hd = n // frames, dim // heads
+    sh1, sc1, g1, sh2, sc2, g2 = (to_compute(blk.modulation, e0, cast) + e0).chunk(6, dim=2)  # [B|1, F, 1, dim]
 
-    tok = embed_patches(model, x)  # [B, F*tpf, dim]
+    def per_frame(x):
+        return x.view(b, frames, tpf, dim)
+
+    h = (per_frame(blk.norm1(tok)) * (1 + sc1) + sh1).view(b, n, dim)
+    sa = blk.self_attn
+    q = sa.norm_q(sa.q(h)).view(b, n, heads, hd)
+    k = sa.norm_k(sa.k(h)).view(b, n, heads, hd)
+    v = sa.v(h).view(b, n, heads, hd)
+    tok = tok + (per_frame(sa.o(self_attention(q, k, v).flatten(2))) * g1).view(b, n, dim)
+
+    ca = blk.cross_attn
+    cq = ca.norm_q(ca.q(blk.norm3(tok))).view(b, n, heads, hd)
+    if isinstance(text, torch.Tensor):
+        co = attn(cq, *cross_kv(blk, text, heads))
+    elif len(text) == 1:
+        co = attn(cq, *text[0][2])
+    else:
+        co = torch.cat([attn(cq[:, f0 * tpf:f1 * tpf], *kv) for f0, f1, kv in text], dim=1)
+    tok = tok + ca.o(co.flatten(2))
+
+    h = (per_frame(blk.norm2(tok)) * (1 + sc2) + sh2).view(b, n, dim)
+    tok = tok + (per_frame(blk.ffn(h)) * g2).view(b, n, dim)
+    return (tok, k, v) if want_kv else tok
+
+
+def head_forward(model: nn.Module, tok: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int],
+                 patch: tuple[int, int, int], cast: ParamCast | None = None) -> torch.Tensor:
+    """The head on tokens [B, F*h*w, dim] with ``e`` [B or 1, F, dim] -> flow prediction [B, C, F, H, W]."""
+    f, hp, wp = grid
+    b, n, dim = tok.shape
+    shift, scale = (to_compute(model.head.modulation, e, cast).unsqueeze(0) + e.unsqueeze(2)).chunk(2, dim=2)
+    out = model.head.head(model.head.norm(tok).view(b, f, n // f, dim) * (1 + scale) + shift)
+    return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)", h=hp, w=wp, p=patch[0], q=patch[1],
+                     r=patch[2])
+
+
+def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequence[float], plan: KVPlan,
+            cache: RollingKVCache, text: list[tuple[int, int, TextContext]], time: TimeEmbedder, attn,
+            cast: ParamCast | None = None) -> torch.Tensor:
+    """One causal DiT forward without autograd over input latents x [B, C, F, H, W] with per-frame
+    ``timesteps`` (F). ``plan`` (from ``cache.plan``) says what the self-attention reads and writes;
+    ``text`` lists (first frame, end frame, TextContext) ranges covering the F input frames. Returns
+    the flow prediction v [B, C_out, F, H, W] in x's dtype. ``cast`` moves bare parameters."""
+    f = x.shape[2]
+    hp, wp = x.shape[3] // arch.patch_size[1], x.shape[4] // arch.patch_size[2]
+    e, e0 = time(timesteps)
+    tok = embed_patches(model, x)
     for i, blk in enumerate(model.blocks):
-        mod = (to_compute(blk.modulation, e0, cast) + e0).unsqueeze(1).chunk(6, dim=2)  # each [F, 1, 1, dim]
-        sh1, sc1, g1, sh2, sc2, g2 = (m.squeeze(2) for m in mod)  # [F, 1, dim]
-
-        h = (blk.norm1(tok).view(b, f, tpf, -1) * (1 + sc1) + sh1).view(b, f * tpf, -1)
-        sa = blk.self_attn
-        q = sa.norm_q(sa.q(h)).view(b, -1, heads, hd)
-        k = sa.norm_k(sa.k(h)).view(b, -1, heads, hd)
-        v = sa.v(h).view(b, -1, heads, hd)
-        y = sa.o(cache.attend(i, plan, q, k, v, attn).flatten(2))
-        tok = tok + (y.view(b, f, tpf, -1) * g1).view(b, f * tpf, -1)
-
-        ca = blk.cross_attn
-        cq = ca.norm_q(ca.q(blk.norm3(tok))).view(b, -1, heads, hd)
-        if len(text) == 1:
-            ck, cv = text[0][2].kv[i]
-            co = attn(cq, ck, cv)
-        else:
-            co = torch.empty_like(cq)
-            for f0, f1, ctx in text:
-                ck, cv = ctx.kv[i]
-                co[:, f0 * tpf:f1 * tpf] = attn(cq[:, f0 * tpf:f1 * tpf], ck, cv)
-        tok = tok + ca.o(co.flatten(2))
-
-        h = (blk.norm2(tok).view(b, f, tpf, -1) * (1 + sc2) + sh2).view(b, f * tpf, -1)
-        tok = tok + (blk.ffn(h).view(b, f, tpf, -1) * g2).view(b, f * tpf, -1)
-
-    hm = (to_compute(model.head.modulation, e, cast) + e.unsqueeze(1)).chunk(2, dim=1)  # each [F, 1, dim]
-    shift, scale = hm
-    out = model.head.head(model.head.norm(tok).view(b, f, tpf, -1) * (1 + scale) + shift)
-    return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)", h=hp, w=wp, p=pt, q=ph, r=pw)
+        def sa(q, k, v, i=i):
+            return cache.attend(i, plan, q, k, v, attn)
+        tok = block_forward(blk, tok, e0, frames=f, heads=arch.num_heads, self_attention=sa,
+                            text=[(f0, f1, ctx.kv[i]) for f0, f1, ctx in text], attn=attn, cast=cast)
+    return head_forward(model, tok, e, (f, hp, wp), arch.patch_size, cast)

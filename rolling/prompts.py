@@ -1,10 +1,10 @@
 """Prompt schedules: timed prompts that switch per block, with cut / blend transitions and optional
 KV re-caching at a switch.
 
-Time -> block rounding rule: block b (b >= 1) starts at pixel frame 12b - 3, i.e. at
-(12b - 3) / 16 s (block 0 at 0 s); a segment asked to start at t seconds starts at the block whose
-start time is nearest to t (ties go to the later block). Blocks are 0.75 s apart, so a switch lands
-within 0.375 s of the requested time.
+Time -> block rounding rule (:class:`rolling.timing.Timeline`): block b (b >= 1) starts at pixel
+frame 4 fb b - 3 (12b - 3 with 3-frame blocks, i.e. (12b - 3) / 16 s; block 0 at 0 s); a segment
+asked to start at t seconds starts at the block whose start time is nearest to t (ties go to the
+later block), so a switch lands within half a block (0.375 s with 3-frame blocks) of the time asked.
 """
 from __future__ import annotations
 
@@ -14,25 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import PIXEL_FPS
+from .timing import Timeline
 
 TRANSITIONS = ("cut", "blend")
 RECACHE = ("none", "keep_sink", "reanchor")
-
-
-def block_start_seconds(block: int, fps: float = PIXEL_FPS, frames_per_block: int = 3) -> float:
-    """Time of the first pixel frame of a block (latent frame 0 -> 1 pixel frame, others -> 4)."""
-    return 0.0 if block <= 0 else (4 * frames_per_block * block - 3) / fps
-
-
-def seconds_to_block(seconds: float, fps: float = PIXEL_FPS, frames_per_block: int = 3) -> int:
-    """The block whose start is nearest to ``seconds`` (ties -> later block)."""
-    if seconds < 0:
-        raise ValueError(f"segment start must be >= 0 seconds, got {seconds}")
-    per = 4 * frames_per_block / fps
-    b = max(0, int((seconds + 3 / fps) / per))
-    cands = [c for c in (b - 1, b, b + 1) if c >= 0]
-    return min(cands, key=lambda c: (abs(block_start_seconds(c, fps, frames_per_block) - seconds), -c))
 
 
 @dataclass
@@ -75,7 +60,7 @@ class PromptSchedule:
             if b.start_block <= a.start_block:
                 raise ValueError(f"segment {b.label or b.start_block!r} starts at block {b.start_block}, not after the "
                                  f"previous segment (block {a.start_block}); times must be increasing and at least "
-                                 "one block (0.75 s) apart")
+                                 "one block apart")
 
     def segment_index(self, block: int) -> int:
         i = 0
@@ -161,16 +146,74 @@ def parse_prompt_lines(text: str, video_seconds: float | None = None) -> tuple[l
     return out, warns
 
 
-def schedule_from_times(items: list[tuple[float, torch.Tensor, str]], *, transition: str = "cut",
-                        blend_seconds: float = 0.0, recache: str = "none") -> PromptSchedule:
-    """Build a schedule from (start seconds, embedding, label) with the rounding rule of this module."""
-    blend_blocks = int(round(blend_seconds / 0.75))
-    segs = []
-    for t, ctx, label in items:
-        b = seconds_to_block(t)
+@dataclass(frozen=True)
+class TimedPrompt:
+    """One prompt as the user gave it: start (seconds), embedding [1, tokens, dim], and the transition
+    into it (``blend_seconds`` for a blend). ``source`` names it in errors (e.g. "line 3")."""
+
+    start_s: float
+    context: torch.Tensor
+    label: str = ""
+    transition: str = "cut"
+    blend_seconds: float = 0.0
+    recache: str = "none"
+    source: str = ""
+
+    def __post_init__(self):
+        check_options(self.transition, self.blend_seconds, self.recache)
+
+
+def check_options(transition: str, blend_seconds: float, recache: str) -> None:
+    if transition not in TRANSITIONS:
+        raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+    if recache not in RECACHE:
+        raise ValueError(f"recache must be one of {', '.join(RECACHE)}, got {recache!r}")
+    if not (blend_seconds >= 0) or blend_seconds == float("inf"):
+        raise ValueError(f"blend length must be a finite number of seconds >= 0, got {blend_seconds:g}")
+
+
+def schedule_from_times(items: list[TimedPrompt], timeline: Timeline | None = None,
+                        video_seconds: float | None = None) -> tuple[PromptSchedule, list[str]]:
+    """A validated schedule from timed prompts, with the rounding rule of this module: each start goes
+    to the nearest block start, blends to whole blocks. Prompts at or beyond ``video_seconds`` are
+    dropped with a warning (a story can be previewed at a shorter length); unsorted or duplicate times
+    and times that round to the same block are errors naming the prompt. Returns (schedule, warnings)."""
+    tl = timeline or Timeline()
+    if not items:
+        raise ValueError("the prompt schedule is empty; add at least one prompt starting at 0:00")
+    if items[0].start_s != 0:
+        raise ValueError(f"the first prompt ({items[0].source or items[0].label!r}) must start at 0:00, "
+                         f"got {items[0].start_s:g} s")
+    warns, segs = [], []
+    for prev, it in zip([None] + list(items), items):
+        name = it.source or repr(it.label)
+        if prev is not None and it.start_s <= prev.start_s:
+            kind = "the same time as" if it.start_s == prev.start_s else "earlier than"
+            raise ValueError(f"{name}: start {it.start_s:g} s is {kind} the previous prompt ({prev.start_s:g} s); "
+                             "prompts must be in increasing time order")
+        if video_seconds is not None and it.start_s >= video_seconds:
+            warns.append(f"{name}: starts at {it.start_s:g} s, at or beyond the video's end ({video_seconds:g} s); "
+                         "dropped")
+            continue
+        b = tl.block_at(it.start_s)
         if segs and b <= segs[-1].start_block:
-            raise ValueError(f"segment {label!r} at {t:g} s rounds to block {b}, the same block as the previous "
-                             f"segment; prompts must be at least 0.75 s apart")
-        segs.append(PromptSegment(b, ctx, transition if segs else "cut", blend_blocks if segs else 0,
-                                  recache if segs else "none", label))
-    return PromptSchedule(segs)
+            raise ValueError(f"{name}: {it.start_s:g} s rounds to block {b} like the previous prompt; prompts must "
+                             f"be at least one block ({tl.block_seconds:g} s) apart")
+        first = not segs
+        segs.append(PromptSegment(b, it.context, "cut" if first else it.transition,
+                                  0 if first else tl.blocks_in(it.blend_seconds), "none" if first else it.recache,
+                                  it.label))
+    for w in warns:
+        warnings.warn(w, stacklevel=2)
+    return PromptSchedule(segs), warns
+
+
+def describe(schedule: PromptSchedule, timeline: Timeline | None = None) -> str:
+    """One line per segment: its block and actual start time (the rounding rule, visible)."""
+    tl, lines = timeline or Timeline(), []
+    for s in schedule.segments:
+        extra = "" if s.start_block == 0 else f", {s.transition}" + (
+            f" over {s.blend_blocks} block(s)" if s.transition == "blend" else "") + (
+            f", recache {s.recache}" if s.recache != "none" else "")
+        lines.append(f"{tl.clock(tl.block_start(s.start_block))} (block {s.start_block}{extra}) {s.label}")
+    return "\n".join(lines)

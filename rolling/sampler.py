@@ -1,19 +1,14 @@
-"""The rolling-window sampler: an iterator that yields each finished block the moment it leaves the
-window. Default settings reproduce the published Rolling Forcing sampler (ALGORITHM.md section 4).
+"""The sampler: a thin driver that runs a schedule's forward plans (:mod:`rolling.schedule`) on a
+Wan2.1 module tree and yields each finished block the moment it leaves. Default settings reproduce
+the published Rolling Forcing sampler (ALGORITHM.md section 4); ``RollingConfig(schedule=
+"chunk_causal")`` reproduces Self-Forcing's.
 
-Per window w (blocks s..e, block b at step j = w - b):
-1. one forward denoises all blocks jointly (each frame with its own timestep, each block with the
-   text of its own prompt segment);
-2. each block's x0 prediction is re-noised to its next step with fresh noise, except the block at
-   the last step, which is finished and yielded;
-3. a clean-cache pass writes block s's clean K/V (``update_mode="reference"``: its own forward, run
-   before the next window; ``"fused"``: folded into the next window's forward, and skipped where
-   nothing reads it).
-
-Between two windows the whole run is described by a :class:`RunState` (window index, noisy blocks in
-flight, the pending clean-cache write, clean latents of cached blocks) plus the KV cache, so a run
-can be saved at any block boundary and resumed (:meth:`RollingSampler.save_state`), or started
-from given latent frames (``prefix=``).
+Per forward plan: assemble the input (clean blocks to write, then the denoised blocks: fresh noise
+at step 0, else the latent re-noised by an earlier forward), plan the KV cache, run the DiT, take x0
+and re-noise or finish each block (:class:`rolling.flow.Steps`), and only then commit the cache
+bookkeeping and the run state. Between two forwards the whole run is a :class:`RunState` plus the
+KV cache, so a run can be saved at any point (also after a cancelled forward) and resumed exactly
+(:meth:`RollingSampler.save_state`), or started from given latent frames (``prefix=``).
 """
 from __future__ import annotations
 
@@ -27,12 +22,13 @@ from torch import nn
 from .attention import get_attention
 from .cache import RollingKVCache
 from .config import RollingConfig
+from .flow import Steps
 from .forward import ParamCast, TextContext, TimeEmbedder, WanArch, forward
 from .noise import NoiseSource, SeededNoise
 from .prompts import PromptSchedule
-from .schedule import FlowSchedule, Window, add_noise, num_windows, window_at, x0_from_flow
+from .schedule import Forward, Recache, forwards
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -66,14 +62,18 @@ class CallRecord:
 
 @dataclass
 class RunState:
-    """Everything between two windows, besides the KV cache. Latents are [B, C, frames_per_block, H, W]."""
+    """Everything between two forwards besides the KV cache. Latents are [B, C, frames_per_block, H, W].
 
-    window: int
+    ``next`` is the position of the next schedule item; ``noisy`` block -> latent at its next step;
+    ``kept`` block -> clean latent due to be written; ``clean`` block -> clean latent of cached blocks
+    (for re-encodes and small-state resume)."""
+
     num_blocks: int | None
     first_block: int = 0  # blocks before it were given (prefix), not generated
-    noisy: dict = field(default_factory=dict)  # block -> noisy latent at its next step
-    pending: tuple | None = None  # (block, clean latent): its clean-cache write is due
-    clean: dict = field(default_factory=dict)  # block -> clean latent, for blocks in the KV cache
+    next: int = 0
+    noisy: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
+    clean: dict = field(default_factory=dict)
 
 
 def validate_latent_size(height: int, width: int, patch: tuple[int, int, int] = (1, 2, 2)) -> None:
@@ -84,19 +84,19 @@ def validate_latent_size(height: int, width: int, patch: tuple[int, int, int] = 
 
 
 class RollingSampler:
-    """Rolling Forcing sampling on any Wan2.1-named module tree.
+    """Rolling Forcing (or Self-Forcing) sampling on any Wan2.1-named module tree.
 
     Args:
         model: the DiT (``rolling.model.WanModel`` or ComfyUI's ``WanModel``), weights on ``device``.
-        cfg: window / sink / cache configuration (defaults = the reference).
+        cfg: schedule / window / sink / cache configuration (defaults = the reference).
         height, width: latent size (pixels / 8), both even.
         batch: videos generated together (same schedule, own noise; text [1 or B, tokens, dim]).
         device, dtype: compute device and dtype (bf16 in the reference; fp32 for exact tests).
         attention: backend name (``sdpa``, ``sage``, ``flash``, ``auto``) or a callable.
         noise: a :class:`rolling.noise.NoiseSource`; default ``SeededNoise(seed)``.
-        on_call: optional callback receiving a :class:`CallRecord` per logical DiT call.
-        on_window: optional callback ``(window_index, num_windows_or_None)`` after every window
-            (for progress and cancellation: raise from it to stop).
+        on_call: optional callback receiving a :class:`CallRecord` before every logical DiT call
+            (raise from it to stop, e.g. on Cancel).
+        on_window: optional callback ``(window_index, num_windows_or_None)`` after every window.
         param_cast: how bare parameters (``modulation``) reach the compute dtype/device
             (:data:`rolling.forward.ParamCast`); inside ComfyUI, its ``cast_to``.
     """
@@ -108,7 +108,6 @@ class RollingSampler:
                  on_window: Callable[[int, int | None], None] | None = None,
                  param_cast: ParamCast | None = None):
         self.model, self.cfg = model, cfg or RollingConfig()
-        self.param_cast = param_cast
         self.arch = WanArch.of(model)
         validate_latent_size(height, width, self.arch.patch_size)
         if not isinstance(batch, int) or batch < 1:
@@ -119,15 +118,14 @@ class RollingSampler:
         self.attn = attention if callable(attention) else get_attention(attention, self.device)
         self.seed = seed
         self.noise = noise or SeededNoise(seed)
-        self.on_call, self.on_window = on_call, on_window
-        self.schedule = FlowSchedule(self.cfg.shift)
-        self.t = self.schedule.warp(self.cfg.steps)  # timestep per step index
-        self.sigma = [self.schedule.sigma(t) for t in self.t]
+        self.on_call, self.on_window, self.param_cast = on_call, on_window, param_cast
+        self.steps = Steps(self.cfg.steps, self.cfg.shift, self.cfg.frames_per_block, self.device,
+                           self.cfg.context_noise)
+        self.t, self.sigma = self.steps.t, self.steps.sigma  # timestep / sigma per step index
         self.t_ctx = float(self.cfg.context_noise)
         self.grid = (height // self.arch.patch_size[1], width // self.arch.patch_size[2])
         self.cache: RollingKVCache | None = None
         self.time = TimeEmbedder(model, dtype=dtype, device=self.device)
-        self._sigma_memo: dict = {}
         self._texts: dict = {}
         self.prompts: PromptSchedule | None = None
         self.state: RunState | None = None
@@ -143,6 +141,8 @@ class RollingSampler:
                              f"{list(ctx.shape)}; use the umT5-XXL text encoder (Wan2.1's)")
         if ctx.shape[0] not in (1, self.batch):
             raise ValueError(f"text embedding batch {ctx.shape[0]} does not match batch {self.batch}")
+        if ctx.shape[1] == 0:
+            raise ValueError("text embedding has no tokens; encode a prompt (the reference pads it to 512 tokens)")
         return ctx
 
     def _set_prompts(self, context) -> None:
@@ -175,71 +175,122 @@ class RollingSampler:
             del self._texts[k]
 
     def _text_plan(self, blocks: list[int]) -> tuple[list, tuple]:
+        """(first frame, end frame, TextContext) ranges of consecutive input blocks sharing a prompt."""
         fb = self.cfg.frames_per_block
         keys = [self.prompts.conditioning(b) for b in blocks]
         plan = []
         for i, k in enumerate(keys):
-            if plan and plan[-1][3] == k:
+            if plan and plan[-1][2] == k:
                 plan[-1][1] = (i + 1) * fb
             else:
-                plan.append([i * fb, (i + 1) * fb, None, k])
-        return [(a, b, self._text(k)) for a, b, _, k in plan], tuple(keys)
+                plan.append([i * fb, (i + 1) * fb, k])
+        return [(a, b, self._text(k)) for a, b, k in plan], tuple(keys)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ the schedule
     def _new_cache(self) -> RollingKVCache:
         a = self.arch
         return RollingKVCache(self.cfg, num_layers=a.num_layers, num_heads=a.num_heads, head_dim=a.head_dim,
                               batch=self.batch, grid=self.grid, device=self.device, dtype=self.dtype)
 
-    def _sigmas(self, steps: tuple) -> torch.Tensor:
-        s = self._sigma_memo.get(steps)
-        if s is None:
-            fb = self.cfg.frames_per_block
-            vals = [self.sigma[j] for j in steps for _ in range(fb)]
-            s = self._sigma_memo[steps] = torch.tensor(vals, dtype=torch.float32).view(1, 1, -1, 1, 1).to(self.device)
-        return s
+    def _items(self, st: RunState):
+        return forwards(self.cfg.schedule, self.cfg.num_steps, st.num_blocks, writes=self.cfg.writes,
+                        first_block=st.first_block, switches={b: s.recache for b, s in self.prompts.switches().items()})
+
+    def num_windows(self, st: RunState) -> int | None:
+        T = self.cfg.num_steps
+        if st.num_blocks is None:
+            return None
+        return st.num_blocks + T - 1 if self.cfg.schedule == "rolling" else st.num_blocks * T
 
     def _draw(self, block: int, step: int) -> torch.Tensor:
         shape = (self.batch, self.arch.in_dim, self.cfg.frames_per_block, self.height, self.width)
         return self.noise(block, step, shape, self.device, self.dtype)
 
+    def _run(self, st: RunState, fwd: Forward, sources: dict) -> dict:
+        """Run one forward plan; returns the outputs, changing no state but the cache storage it plans."""
+        fb = self.cfg.frames_per_block
+        x = self.steps.input(fwd, sources, st.noisy, self._draw)
+        ts = self.steps.timesteps(fwd)
+        text_blocks = [fwd.text_from if fwd.text_from is not None else b for b in fwd.clean] + list(fwd.blocks)
+        tp, keys = self._text_plan(text_blocks)
+        nc = len(fwd.clean) * fb
+        for i, b in enumerate(fwd.clean):
+            self._record(b * fb, fb, True, [self.t_ctx] * fb, keys[i:i + 1], "update" if fwd.blocks else fwd.kind)
+        if fwd.blocks:
+            self._record(fwd.blocks[0] * fb, x.shape[2] - nc, False, ts[nc:], keys[len(fwd.clean):], "denoise")
+        plan = self.cache.plan(fwd)
+        v = forward(self.model, self.arch, x, ts, plan, self.cache, tp, self.time, self.attn, self.param_cast)
+        self.forwards += 1
+        at, noisy = self.steps.output(fwd, x, v, self._draw)
+        return {"plan": plan, "clean": {b: sources[b] for b in fwd.clean}, "noisy": noisy,
+                "kept": {b: at[b].clone() for b in fwd.keep}, "finished": [(b, at[b].clone()) for b in fwd.finished]}
+
+    def _commit(self, st: RunState, fwd: Forward, out: dict) -> None:
+        """Install a forward's results: the cache bookkeeping, then the run state (no failure possible)."""
+        self.cache.commit(out["plan"])
+        for b in fwd.blocks:
+            st.noisy.pop(b, None)
+        st.noisy.update(out["noisy"])
+        for b, lat in out["clean"].items():
+            st.kept.pop(b, None)
+            st.clean[b] = lat
+        st.kept.update(out["kept"])
+        cached = set(self.cache.cached_blocks())
+        for b in [b for b in st.clean if b not in cached]:
+            del st.clean[b]
+
+    def _recache(self, st: RunState, item: Recache) -> None:
+        """Re-encode the cached clean blocks under the prompt of ``item.block``'s segment (the sink stays);
+        with ``reanchor`` the segment's first block(s) become the sink once finished."""
+        sink = set(self.cache.book.sink_blocks())
+        for b in [b for b in self.cache.cached_blocks() if b not in sink]:
+            fwd = Forward(-1, "recache", clean=(b,), text_from=item.block)
+            self._commit(st, fwd, self._run(st, fwd, st.clean))
+        if item.mode == "reanchor":
+            self.cache.commit(self.cache.reanchored(item.block))
+
+    def _loop(self, st: RunState) -> Iterator[FinishedBlock]:
+        self._warm(st)
+        t_start = time.perf_counter()
+        nw = self.num_windows(st)
+        for pos, item in enumerate(self._items(st)):
+            if pos < st.next:
+                continue
+            if isinstance(item, Recache):
+                self._recache(st, item)
+                st.next = pos + 1
+                continue
+            out = self._run(st, item, st.kept)
+            self._commit(st, item, out)
+            st.next = pos + 1
+            if item.blocks:
+                if len(self.prompts.segments) > 1:
+                    self._release_texts(min(item.blocks))
+                if self.on_window is not None:
+                    self.on_window(item.window, nw)
+            for b, lat in out["finished"]:
+                yield FinishedBlock(b, lat, item.window, time.perf_counter() - t_start, self.prompts.label(b))
+
+    def _warm(self, st: RunState) -> None:
+        """Build the time embeddings and sigma tables of every forward shape up front, so nothing is
+        allocated late in a run (the whole schedule of a bounded run; the first windows of a stream)."""
+        fb = self.cfg.frames_per_block
+        items = self._items(st)
+        limit = None if st.num_blocks is not None else 6 * self.cfg.num_steps
+        for i, f in enumerate(items):
+            if limit is not None and i > limit:
+                break
+            if isinstance(f, Forward):
+                self.time(self.steps.timesteps(f))
+                if f.blocks:
+                    self.steps.frame_sigmas(f.steps)
+        self.time([self.t_ctx] * fb)
+
     def _record(self, start_frame, num_frames, updating, timesteps, text=(), kind=""):
         if self.on_call is not None:
             self.on_call(CallRecord(start_frame, num_frames, updating, tuple(timesteps), self.forwards, text, kind))
 
-    def _window(self, st: RunState, w: int) -> Window:
-        return window_at(w, st.num_blocks, self.cfg.num_steps, st.first_block)
-
-    def _keep_clean(self, st: RunState, block: int, latent: torch.Tensor) -> None:
-        st.clean[block] = latent
-        cached = set(self.cache.cached_blocks())
-        for b in [b for b in st.clean if b not in cached and b != block]:
-            del st.clean[b]
-
-    def _update_pass(self, st: RunState, block: int, latent: torch.Tensor, kind: str = "update",
-                     text_block: int | None = None) -> None:
-        fb = self.cfg.frames_per_block
-        plan = self.cache.plan_update(block)
-        tp, keys = self._text_plan([block if text_block is None else text_block])
-        self._record(block * fb, fb, True, [self.t_ctx] * fb, keys, kind)
-        forward(self.model, self.arch, latent, [self.t_ctx] * fb, plan, self.cache, tp, self.time, self.attn, self.param_cast)
-        self.forwards += 1
-        self._keep_clean(st, block, latent)
-
-    def _recache(self, st: RunState, new_block: int, mode: str) -> None:
-        """Re-encode the cached clean blocks under the prompt of ``new_block``'s segment."""
-        blocks = self.cache.cached_blocks()
-        sink = {b for b, w in zip(self.cache.sink_ids, self.cache.sink_written) if w}
-        for b in blocks:
-            if b in sink and mode == "keep_sink":
-                continue
-            if b in sink and mode == "reanchor":
-                continue  # replaced by the new segment's first block when it is finished
-            self._update_pass(st, b, st.clean[b], kind="recache", text_block=new_block)
-        if mode == "reanchor":
-            self.cache.reanchor(new_block)
-
-    # ------------------------------------------------------------------ main loop
+    # ------------------------------------------------------------------ entry points
     @torch.no_grad()
     def stream(self, context, num_blocks: int | None, *, prefix: torch.Tensor | None = None,
                resume: dict | None = None) -> Iterator[FinishedBlock]:
@@ -253,7 +304,8 @@ class RollingSampler:
                 not a multiple of the block size, the first frame is repeated in front to fill a block.
             resume: a state from :meth:`save_state` (the same config, size and prompts are assumed).
         """
-        if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
+        if num_blocks is not None and (not isinstance(num_blocks, int) or isinstance(num_blocks, bool)
+                                       or num_blocks < 1):
             raise ValueError(f"number of blocks must be a positive integer, got {num_blocks!r}")
         self._set_prompts(context)
         if self.cache is None:
@@ -262,12 +314,16 @@ class RollingSampler:
         if resume is not None:
             st = self._restore(resume, num_blocks)
         else:
-            st = self.state = RunState(window=0, num_blocks=num_blocks)
+            st = self.state = RunState(num_blocks)
             if prefix is not None:
-                self._write_prefix(st, prefix)
+                st.kept.update(self._prefix_blocks(prefix))
+                st.first_block = len(st.kept)
+                if num_blocks is not None and st.first_block >= num_blocks:
+                    raise ValueError(f"the prefix fills {st.first_block} blocks but the video has only {num_blocks}; "
+                                     "ask for more length")
         yield from self._loop(st)
 
-    def _write_prefix(self, st: RunState, prefix: torch.Tensor) -> None:
+    def _prefix_blocks(self, prefix: torch.Tensor) -> dict:
         fb = self.cfg.frames_per_block
         exp = (self.arch.in_dim, self.height, self.width)
         if prefix.ndim != 5 or tuple(prefix.shape[i] for i in (1, 3, 4)) != exp or prefix.shape[2] < 1:
@@ -279,92 +335,7 @@ class RollingSampler:
         pad = (-prefix.shape[2]) % fb
         if pad:
             prefix = torch.cat([prefix[:, :, :1].expand(-1, -1, pad, -1, -1), prefix], dim=2)
-        nb = prefix.shape[2] // fb
-        if st.num_blocks is not None and nb >= st.num_blocks:
-            raise ValueError(f"the prefix fills {nb} blocks but the video has only {st.num_blocks}; ask for more length")
-        for b in range(nb):
-            self._update_pass(st, b, prefix[:, :, b * fb:(b + 1) * fb].contiguous(), kind="prefix")
-        st.first_block = st.window = nb
-
-    def _warm(self, st: RunState) -> None:
-        """Build the time embeddings and sigma tables of every window shape up front (ramp-up, steady,
-        ramp-down; with and without a fused clean block), so nothing is allocated late in a run."""
-        fb, T = self.cfg.frames_per_block, self.cfg.num_steps
-        nw = num_windows(st.num_blocks, T)
-        ws = set(range(st.first_block, st.first_block + 2 * T))
-        if nw is not None:
-            ws = {w for w in ws | set(range(nw - T, nw)) if st.window <= w < nw}
-        shapes = {self._window(st, w).steps for w in ws} - {()}
-        for steps in shapes:
-            ts = [self.t[j] for j in steps for _ in range(fb)]
-            self._sigmas(steps)
-            self.time(ts)
-            self.time([self.t_ctx] * fb + ts)
-        self.time([self.t_ctx] * fb)
-
-    def _loop(self, st: RunState) -> Iterator[FinishedBlock]:
-        cfg, fb, T = self.cfg, self.cfg.frames_per_block, self.cfg.num_steps
-        fused = cfg.update_mode == "fused"
-        self._warm(st)
-        switches = self.prompts.switches()
-        t_start = time.perf_counter()
-        nw = num_windows(st.num_blocks, T)
-        while nw is None or st.window < nw:
-            win = self._window(st, st.window)
-            recache = switches.get(win.new_block) if win.new_block is not None else None
-            if st.pending is not None and (not fused or recache is not None):
-                self._update_pass(st, *st.pending)
-                st.pending = None
-            if recache is not None:
-                self._recache(st, win.new_block, recache.recache)
-            steps = win.steps
-            blocks = list(win.blocks)
-            xs = [self._draw(b, 0) if win.step(b) == 0 else st.noisy.pop(b) for b in blocks]
-            x = torch.cat(xs, dim=2) if len(xs) > 1 else xs[0]
-            tsteps = [self.t[j] for j in steps for _ in range(fb)]
-            nf = x.shape[2]
-            if st.pending is not None:  # fused: [clean block ; window] in one forward
-                cb, cx = st.pending
-                plan = self.cache.plan_fused(cb, win.first, len(steps))
-                tp, keys = self._text_plan([cb] + blocks)
-                self._record(cb * fb, fb, True, [self.t_ctx] * fb, keys[:1], "update")
-                self._record(win.first * fb, nf, False, tsteps, keys[1:], "denoise")
-                v = forward(self.model, self.arch, torch.cat([cx, x], dim=2), [self.t_ctx] * fb + tsteps, plan,
-                            self.cache, tp, self.time, self.attn, self.param_cast)[:, :, fb:]
-                self._keep_clean(st, cb, cx)
-                st.pending = None
-            else:
-                plan = self.cache.plan_denoise(win.first, len(steps))
-                tp, keys = self._text_plan(blocks)
-                self._record(win.first * fb, nf, False, tsteps, keys, "denoise")
-                v = forward(self.model, self.arch, x, tsteps, plan, self.cache, tp, self.time, self.attn, self.param_cast)
-            self.forwards += 1
-            x0 = x0_from_flow(x, v, self._sigmas(steps))
-            finished = None
-            for i, b in enumerate(blocks):
-                j = win.step(b)
-                xb = x0[:, :, i * fb:(i + 1) * fb]
-                if j < T - 1:
-                    st.noisy[b] = add_noise(xb, self._draw(b, j + 1), self.sigma[j + 1])
-                else:
-                    finished = FinishedBlock(b, xb.clone(), win.index, time.perf_counter() - t_start,
-                                             self.prompts.label(b))
-            clean = x0[:, :, :fb]
-            last = nw is not None and win.index + 1 >= nw
-            if not fused:
-                st.pending = (win.first, clean)
-            elif not last and self._window(st, win.index + 1).first > win.first:
-                st.pending = (win.first, clean.clone())
-            st.window += 1
-            if len(self.prompts.segments) > 1:
-                self._release_texts(self._window(st, st.window).first if not last else win.first)
-            if self.on_window is not None:
-                self.on_window(win.index, nw)
-            if finished is not None:
-                yield finished
-        if st.pending is not None and not fused:  # the reference's update pass of the last window
-            self._update_pass(st, *st.pending)
-            st.pending = None
+        return {b: prefix[:, :, b * fb:(b + 1) * fb].contiguous() for b in range(prefix.shape[2] // fb)}
 
     def generate(self, context, num_blocks: int, **kw) -> torch.Tensor:
         """The whole latent video [B, C, F, H, W] (generated blocks only, prefix excluded)."""
@@ -372,26 +343,27 @@ class RollingSampler:
 
     # ------------------------------------------------------------------ save / resume
     def save_state(self, full: bool = True) -> dict:
-        """Snapshot between two blocks (call it after a block was yielded, before the next ``next()``).
+        """Snapshot between two forwards: after a block was yielded, or after the run stopped inside a
+        forward (a cancel): the state is then the one before that forward, which a resume re-runs.
 
         ``full=True`` includes the KV cache: resuming equals an uninterrupted run exactly.
-        ``full=False`` keeps only latents (sink and cached clean blocks, noisy blocks in flight;
-        megabytes) and rebuilds the cache with clean-cache passes on resume: an approximation,
-        since the cached keys of a block depend on history that is no longer kept."""
+        ``full=False`` keeps only latents (cached clean blocks, noisy blocks in flight; megabytes) and
+        rebuilds the cache with clean-cache passes on resume: an approximation, since the cached keys
+        of a block depend on history that is no longer kept."""
         st = self.state
         if st is None:
             raise RuntimeError("no run in progress: call save_state while iterating stream()")
-        out = {"version": STATE_VERSION, "window": st.window, "first_block": st.first_block,
+
+        def cpu(d):
+            return {str(b): t.detach().cpu().clone() for b, t in d.items()}
+        out = {"version": STATE_VERSION, "next": st.next, "first_block": st.first_block,
                "num_blocks": -1 if st.num_blocks is None else st.num_blocks, "seed": self.seed,
                "size": [self.batch, self.height, self.width], "config": repr(self.cfg),
-               "noisy": {str(b): t.detach().cpu().clone() for b, t in st.noisy.items()},
-               "clean": {str(b): t.detach().cpu().clone() for b, t in st.clean.items()},
-               "pending": None if st.pending is None else [st.pending[0], st.pending[1].detach().cpu().clone()],
-               "full": bool(full), "sink_ids": list(self.cache.sink_ids),
-               "sink_pending": list(self.cache.sink_pending)}
+               "noisy": cpu(st.noisy), "kept": cpu(st.kept), "clean": cpu(st.clean), "full": bool(full)}
+        cs = self.cache.state_dict()
+        out["book"] = {k: cs[k] for k in ("ring", "sink", "targets")}
         if full:
-            cs = self.cache.state_dict()
-            out["cache"] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in cs.items()}
+            out["cache"] = {k: cs[k].detach().cpu().clone() for k in ("sink_k", "sink_v", "ring_k", "ring_v")}
         return out
 
     def _restore(self, s: dict, num_blocks: int | None) -> RunState:
@@ -401,20 +373,23 @@ class RollingSampler:
             raise ValueError("the saved state was made with another size or cache configuration: "
                              f"saved size {s['size']}, now {[self.batch, self.height, self.width]}")
         dev = dict(device=self.device, dtype=self.dtype)
-        st = self.state = RunState(window=int(s["window"]), num_blocks=num_blocks,
-                                   first_block=int(s["first_block"]))
-        st.noisy = {int(b): t.to(**dev) for b, t in s["noisy"].items()}
-        st.pending = None if s["pending"] is None else (int(s["pending"][0]), s["pending"][1].to(**dev))
-        clean = {int(b): t.to(**dev) for b, t in s["clean"].items()}
+
+        def load(d):
+            return {int(b): t.to(**dev) for b, t in d.items()}
+        st = self.state = RunState(num_blocks, int(s["first_block"]), int(s["next"]), load(s["noisy"]),
+                                   load(s["kept"]))
+        clean, book = load(s["clean"]), s["book"]
         if s.get("full") and "cache" in s:
-            self.cache.load_state_dict({k: (v.to(**dev) if isinstance(v, torch.Tensor) else v)
-                                        for k, v in s["cache"].items()})
+            self.cache.load_state_dict({**{k: v.to(**dev) for k, v in s["cache"].items()}, **book})
             st.clean = clean
-        else:
-            self.cache.sink_ids = list(s["sink_ids"])  # a re-anchored sink stays the sink
-            for b in sorted(clean, key=lambda b: (b not in self.cache.sink_ids, b)):
-                self._update_pass(st, b, clean[b], kind="rebuild")
-            self.cache.sink_pending = list(s["sink_pending"])
+            return st
+        # small state: rebuild the cache, the (re-anchored) sink first, then the ring, oldest first
+        self.cache.load_state_dict({**self.cache.state_dict(), "ring": [-1] * len(book["ring"]),
+                                    "sink": [-1] * len(book["sink"]), "targets": [b for b in book["sink"]]})
+        for b in sorted(clean, key=lambda b: (b not in book["sink"], b)):
+            fwd = Forward(-1, "rebuild", clean=(b,))
+            self._commit(st, fwd, self._run(st, fwd, clean))
+        self.cache.book = self.cache.book.__class__(self.cache.book.ring, self.cache.book.sink, tuple(book["targets"]))
         return st
 
 

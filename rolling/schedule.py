@@ -1,133 +1,155 @@
-"""Pure schedule bookkeeping: the shifted flow-matching table, warped timesteps, noise arithmetic,
-the rolling window layout, and seconds <-> blocks <-> frames conversion. No model needed.
+"""Sampling schedules as pure generators of forward plans (no model, no tensors).
+
+A schedule says, for every DiT forward of a run, which blocks it denoises at which step, which of
+them enter as fresh noise, which are re-noised to which step after it, which block finishes, and
+which clean blocks it writes into the KV cache (and whether that write rides in a denoising forward
+or has a forward of its own). The drivers (:class:`rolling.sampler.RollingSampler`, the training
+rollouts, the dry-run plan) only execute these plans.
+
+Schedules (``SCHEDULES``):
+
+* ``rolling`` (Rolling Forcing): window w holds blocks max(0, w - T + 1) .. min(n - 1, w), block b
+  at step w - b, all denoised in one forward; the first block's x0 is then written clean.
+* ``chunk_causal`` (Self-Forcing / CausVid): block by block, one forward per step, then the
+  finished block is written clean.
+
+Cache writes (``WRITES``): ``every`` writes after every window as its own forward (the published
+samplers: their traces count these forwards), ``needed`` only where a later forward reads the write,
+``fused`` like ``needed`` but inside the next denoising forward. A write is read later exactly when
+the block it writes is not denoised by the next forward; otherwise the next window overwrites it.
+
+Shapes and units: blocks are ``frames_per_block`` latent frames; steps index the warped timesteps.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator
 
-import torch
+from .config import SCHEDULES
 
-from .config import PIXEL_FPS, validate_steps
-
-
-class FlowSchedule:
-    """Shifted flow-matching table of the release (1000 entries, float32), as in the reference.
-
-    sigma_k = shift*s/(1+(shift-1)*s) for s = linspace(1, 0, 1001)[:1000]; timestep_k = 1000*sigma_k.
-    A nominal step v in 1..1000 is *warped* to timestep_k at k = 1000 - v.
-    """
-
-    def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000):
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
-        self.shift, self.n = float(shift), num_train_timesteps
-        s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
-        self.sigmas = shift * s / (1 + (shift - 1) * s)
-        self.timesteps = self.sigmas * num_train_timesteps
-        self._t = self.timesteps.tolist()
-        self._s = self.sigmas.tolist()
-
-    def warp(self, steps: Sequence[int]) -> list[float]:
-        """Nominal steps (e.g. [1000, 800, 600, 400, 200]) -> timesteps fed to the model (float32 values)."""
-        steps = validate_steps(steps)
-        ext = self._t + [0.0]
-        return [ext[self.n - v] for v in steps]
-
-    def sigma(self, t: float) -> float:
-        """sigma of the table entry nearest to timestep t (t = 0 maps to the last entry, 0.00498)."""
-        k = min(range(self.n), key=lambda i: abs(self._t[i] - t))
-        return self._s[k]
+WRITES = ("every", "needed", "fused")
 
 
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(1 - sigma) x0 + sigma eps, computed in float32, returned in eps's dtype."""
-    return ((1.0 - sigma) * x0.float() + sigma * eps.float()).to(eps.dtype)
+@dataclass(frozen=True)
+class Forward:
+    """One DiT forward of a run.
+
+    Input frames: the ``clean`` blocks (re-encoded at the context-noise timestep and written into the
+    KV cache), then the ``blocks`` denoised at ``steps``. After it: ``renoise`` (block, next step)
+    pairs are re-noised from this forward's x0, ``finished`` blocks leave done, and the x0 of each
+    block in ``keep`` is held as the clean latent of a later write. ``text_from``: every clean block
+    uses this block's prompt (a re-encode at a prompt switch); None = each block its own.
+    ``window`` is the schedule position (the window, or block * T + step for chunk_causal)."""
+
+    index: int
+    kind: str
+    window: int = -1
+    clean: tuple[int, ...] = ()
+    blocks: tuple[int, ...] = ()
+    steps: tuple[int, ...] = ()
+    renoise: tuple[tuple[int, int], ...] = ()
+    finished: tuple[int, ...] = ()
+    keep: tuple[int, ...] = ()
+    text_from: int | None = None
+
+    @property
+    def fresh(self) -> tuple[int, ...]:
+        """Blocks entering as pure noise (step 0)."""
+        return tuple(b for b, j in zip(self.blocks, self.steps) if j == 0)
+
+    @property
+    def first(self) -> int:
+        """First block of the input (clean or denoised)."""
+        return (self.clean or self.blocks)[0]
 
 
-def x0_from_flow(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0 = x_t - sigma * v (v = eps - x0 is the model's flow prediction); float32 math, v's dtype out.
+@dataclass(frozen=True)
+class Recache:
+    """At a prompt switch: re-encode what the KV cache holds under the prompt of ``block``'s segment,
+    before the window in which ``block`` enters (``mode``: keep_sink / reanchor, see rolling.prompts)."""
 
-    ``sigma`` broadcasts against x (e.g. [1, 1, F, 1, 1] per latent frame for [B, C, F, H, W])."""
-    return (x.float() - sigma * v.float()).to(v.dtype)
+    block: int
+    mode: str
 
-
-# ---------------------------------------------------------------- rolling window layout
 
 @dataclass(frozen=True)
 class Window:
-    """One rolling window: blocks ``first..last`` (inclusive), block b at step ``index - b``."""
+    """What one schedule position denoises, and the block whose x0 is then due for a clean write."""
 
     index: int
-    first: int
-    last: int
-    num_steps: int
-
-    @property
-    def blocks(self) -> range:
-        return range(self.first, self.last + 1)
-
-    def step(self, block: int) -> int:
-        return self.index - block
-
-    @property
-    def steps(self) -> tuple[int, ...]:
-        return tuple(self.index - b for b in self.blocks)
-
-    @property
-    def new_block(self) -> int | None:
-        """The block entering as pure noise (step 0), if any."""
-        return self.index if self.first <= self.index <= self.last else None
-
-    @property
-    def finished_block(self) -> int | None:
-        """The block that leaves the window finished after this forward, if any."""
-        b = self.index - (self.num_steps - 1)
-        return b if self.first <= b <= self.last else None
+    blocks: tuple[int, ...]
+    steps: tuple[int, ...]
+    write: int | None
 
 
-def num_windows(num_blocks: int | None, num_steps: int) -> int | None:
-    """Windows of a video of ``num_blocks`` blocks (None for an unbounded stream)."""
-    return None if num_blocks is None else num_blocks + num_steps - 1
+def rolling_windows(num_steps: int, num_blocks: int | None, first_block: int = 0, start: int | None = None
+                    ) -> Iterator[Window]:
+    """Rolling Forcing: window w holds blocks max(first_block, w-T+1) .. min(n-1, w), block b at step w-b.
 
-
-def window_at(w: int, num_blocks: int | None, num_steps: int, first_block: int = 0) -> Window:
-    """Window ``w``: blocks max(first_block, w - T + 1) .. min(num_blocks - 1, w).
-
-    Unlike the reference (which breaks below T blocks), this closed form is right for any
-    ``num_blocks >= 1``: each block b is denoised at step w - b in windows b .. b + T - 1.
-    ``num_blocks=None`` means an unbounded stream; blocks before ``first_block`` were given (a prefix).
-    """
-    last = w if num_blocks is None else min(num_blocks - 1, w)
-    return Window(w, max(first_block, w - num_steps + 1), last, num_steps)
-
-
-def iter_windows(num_blocks: int | None, num_steps: int, start: int = 0) -> Iterator[Window]:
-    w = start
-    while num_blocks is None or w < num_windows(num_blocks, num_steps):
-        yield window_at(w, num_blocks, num_steps)
+    The closed form holds for any ``num_blocks >= 1`` (the reference needs T or more): each block b is
+    denoised at steps 0..T-1 in windows b..b+T-1. ``None`` blocks = an unbounded stream; blocks before
+    ``first_block`` were given (a prefix). After each window its first block's x0 is written clean."""
+    T = num_steps
+    w = first_block if start is None else start
+    end = None if num_blocks is None else num_blocks + T - 1
+    while end is None or w < end:
+        last = w if num_blocks is None else min(num_blocks - 1, w)
+        blocks = tuple(range(max(first_block, w - T + 1), last + 1))
+        yield Window(w, blocks, tuple(w - b for b in blocks), blocks[0])
         w += 1
 
 
-# ---------------------------------------------------------------- time units
-
-def pixel_frames(latent_frames: int) -> int:
-    """Pixel frames decoded from N latent frames: 1 + 4 (N - 1)."""
-    return 0 if latent_frames <= 0 else 1 + 4 * (latent_frames - 1)
-
-
-def blocks_for_seconds(seconds: float, fps: float = PIXEL_FPS, frames_per_block: int = 3) -> int:
-    """Whole blocks for a duration: latent frames = ceil((seconds*fps - 1)/4) + 1, rounded up to blocks.
-
-    Rounds *up*, so the video is at least as long as asked (at most one block, 0.75 s, longer)."""
-    if not (seconds > 0) or math.isinf(seconds):
-        raise ValueError(f"length must be a positive number of seconds, got {seconds}")
-    px = max(1, round(seconds * fps))
-    latent = (px - 1 + 3) // 4 + 1
-    return max(1, -(-latent // frames_per_block))
+def chunk_windows(num_steps: int, num_blocks: int | None, first_block: int = 0, start: int | None = None
+                  ) -> Iterator[Window]:
+    """Self-Forcing / CausVid: block b at steps 0..T-1, one forward each; written clean when finished."""
+    T = num_steps
+    p = first_block * T if start is None else start
+    while num_blocks is None or p < num_blocks * T:
+        b, j = divmod(p, T)
+        yield Window(p, (b,), (j,), b if j == T - 1 else None)
+        p += 1
 
 
-def seconds_for_blocks(num_blocks: int, fps: float = PIXEL_FPS, frames_per_block: int = 3) -> float:
-    return pixel_frames(num_blocks * frames_per_block) / fps
+WINDOWS: dict[str, Callable[..., Iterator[Window]]] = {"rolling": rolling_windows, "chunk_causal": chunk_windows}
 
+
+def forwards(schedule: str, num_steps: int, num_blocks: int | None, *, writes: str = "every",
+             first_block: int = 0, switches: dict | None = None) -> Iterator[Forward | Recache]:
+    """Every forward of a run, in order: prefix writes (blocks before ``first_block``), then the
+    schedule's windows with their cache writes placed per ``writes``; ``switches`` maps a block to the
+    recache mode of the prompt segment starting there (a :class:`Recache` item precedes the window
+    in which that block enters; a write due before it is flushed as its own forward first)."""
+    if schedule not in WINDOWS:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if writes not in WRITES:
+        raise ValueError(f"cache writes must be one of {', '.join(WRITES)}, got {writes!r}")
+    switches = switches or {}
+    n = 0
+    for b in range(first_block):
+        yield Forward(n, "prefix", clean=(b,))
+        n += 1
+    T = num_steps
+    pending: int | None = None  # block whose clean write is due (x0 kept by the previous window)
+    wins = WINDOWS[schedule](T, num_blocks, first_block)
+    win = next(wins, None)
+    while win is not None:
+        nxt = next(wins, None)
+        entering = [b for b, j in zip(win.blocks, win.steps) if j == 0 and b in switches]
+        if pending is not None and (writes != "fused" or entering):
+            yield Forward(n, "update", clean=(pending,))
+            n, pending = n + 1, None
+        for b in entering:
+            yield Recache(b, switches[b])
+        due = win.write
+        if due is not None and writes != "every" and (nxt is None or due in nxt.blocks):
+            due = None  # overwritten by the next window before anything reads it
+        clean = (pending,) if pending is not None else ()
+        yield Forward(n, "fused" if clean else "window", win.index, clean, win.blocks, win.steps,
+                      tuple((b, j + 1) for b, j in zip(win.blocks, win.steps) if j < T - 1),
+                      tuple(b for b, j in zip(win.blocks, win.steps) if j == T - 1),
+                      (due,) if due is not None else ())
+        n, pending = n + 1, due
+        if pending is not None and (writes != "fused" or nxt is None):
+            yield Forward(n, "update", win.index, clean=(pending,))
+            n, pending = n + 1, None
+        win = nxt

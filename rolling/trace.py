@@ -1,9 +1,11 @@
-"""Golden-trace tools: replay a recorded run of the published sampler against this implementation.
+"""Golden-trace tools: replay a recorded run of a published sampler against this implementation.
 
 A trace directory holds ``config.json`` (model config), ``checkpoint.pt`` (release layout),
 ``trace.json`` (ordered DiT calls: start_frame, num_frames, updating_cache, timesteps, plus run
 metadata) and ``trace.safetensors`` (per call ``callNNNN.{x,t,v,x0}`` in [B, F, C, H, W], plus
-``noise``, ``context``, ``latents``). See ../shared/fixtures/README.md.
+``noise``, ``context``, ``latents``). See ../shared/fixtures/README.md. Rolling Forcing traces and
+chunk-causal ones (Self-Forcing's, ``"schedule": "chunk_causal"``, which also record their re-noise
+draws as ``renoise.bBBBB.sJ``) replay with the matching :class:`RollingConfig`.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import torch
 from .attention import sdpa_attention
 from .cache import RollingKVCache
 from .config import RollingConfig, WanConfig
+from .flow import FlowSchedule
 from .forward import TextContext, TimeEmbedder, WanArch, forward
 from .loading import load_model
 from .noise import TensorNoise
-from .schedule import FlowSchedule
+from .schedule import Forward
 
 
 @dataclass
@@ -34,14 +37,23 @@ class Trace:
         return self.meta["calls"]
 
     @property
+    def schedule(self) -> str:
+        return "chunk_causal" if str(self.meta.get("schedule", "rolling")).startswith("chunk_causal") else "rolling"
+
+    @property
     def rolling_config(self) -> RollingConfig:
         m = self.meta
+        fb = int(m.get("frames_per_block", 3))
+        span = int(m.get("max_attention_frames", 21))
+        if self.schedule == "rolling":
+            capacity = int(m.get("kv_cache_frames", 24))
+        else:  # the traced cache holds span frames; our ring holds whole blocks: the history plus the block
+            capacity = -(-span // fb) * fb + fb
         return RollingConfig(
             steps=tuple(m.get("denoising_step_list", (1000, 800, 600, 400, 200))),
-            shift=float(m.get("timestep_shift", 5.0)), frames_per_block=int(m.get("frames_per_block", 3)),
-            sink_blocks=int(m.get("sink_frames", 3)) // int(m.get("frames_per_block", 3)),
-            span_frames=int(m.get("max_attention_frames", 21)), capacity_frames=int(m.get("kv_cache_frames", 24)),
-            context_noise=float(m.get("context_noise", 0)))
+            shift=float(m.get("timestep_shift", 5.0)), frames_per_block=fb,
+            sink_blocks=int(m.get("sink_frames", 3)) // fb, span_frames=span, capacity_frames=capacity,
+            context_noise=float(m.get("context_noise", 0)), schedule=self.schedule)
 
     def x(self, i: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of call i, channel-first [B, C, F, H, W]."""
@@ -90,8 +102,12 @@ def replay_calls(tr: Trace, rope_mode: str = "reference") -> dict:
         i = c["index"]
         x = tr.x(i, "x").to(dtype)
         first = c["start_frame"] // fb
-        plan = cache.plan_update(first) if c["updating_cache"] else cache.plan_denoise(first, c["num_frames"] // fb)
+        blocks = tuple(range(first, first + c["num_frames"] // fb))
+        fwd = Forward(i, "update", clean=blocks) if c["updating_cache"] else Forward(i, "window", blocks=blocks,
+                                                                                     steps=(0,) * len(blocks))
+        plan = cache.plan(fwd)
         v = forward(model, arch, x, c["timesteps"], plan, cache, [(0, c["num_frames"], text)], time, sdpa_attention)
+        cache.commit(plan)
         ev = (v.float() - tr.x(i, "v").float()).abs().max().item()
         ex = None
         if not c["updating_cache"]:
@@ -104,9 +120,14 @@ def replay_calls(tr: Trace, rope_mode: str = "reference") -> dict:
 
 
 def recover_noise(tr: Trace) -> TensorNoise:
-    """Noise source that reproduces the traced run: the initial noise plus the re-noise draws implied
-    by consecutive inputs (x_in = (1 - sigma) x0_prev + sigma eps  =>  eps = (x_in - (1-sigma) x0_prev) / sigma)."""
+    """Noise source that reproduces the traced run: the initial noise plus the re-noise draws, as
+    recorded (``renoise.bBBBB.sJ``) or implied by consecutive inputs
+    (x_in = (1 - sigma) x0_prev + sigma eps  =>  eps = (x_in - (1-sigma) x0_prev) / sigma)."""
     rc = tr.rolling_config
+    recorded = {k: v for k, v in tr.tensors.items() if k.startswith("renoise.b")}
+    if recorded:
+        draws = {(int(k[9:13]), int(k.split(".s")[1])): v.permute(0, 2, 1, 3, 4) for k, v in recorded.items()}
+        return TensorNoise(tr.tensors["noise"].permute(0, 2, 1, 3, 4), draws, rc.frames_per_block)
     sched = FlowSchedule(rc.shift)
     fb = rc.frames_per_block
     t_steps = sched.warp(rc.steps)

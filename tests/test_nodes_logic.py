@@ -32,7 +32,7 @@ _load_pack()
 logic = importlib.import_module(f"{PACK}.nodes.logic")
 core_config = importlib.import_module(f"{PACK}.rolling.config")
 core_cache = importlib.import_module(f"{PACK}.rolling.cache")
-core_schedule = importlib.import_module(f"{PACK}.rolling.schedule")
+core_timing = importlib.import_module(f"{PACK}.rolling.timing")
 RollingConfig = core_config.RollingConfig
 
 
@@ -40,11 +40,12 @@ RollingConfig = core_config.RollingConfig
 
 def test_nodes_package_imports_without_comfyui():
     nodes_pkg = importlib.import_module(f"{PACK}.nodes")
-    if importlib.util.find_spec("comfy_api") is None:
-        assert not hasattr(nodes_pkg, "RollingForcingExtension")
-    stream = importlib.import_module(f"{PACK}.nodes.stream_decode")
-    with pytest.raises(ValueError, match="wan_2.1_vae.safetensors"):
-        stream.check_wan21_vae(object())
+    if importlib.util.find_spec("comfy_api") is not None:
+        pytest.skip("ComfyUI is importable here")
+    assert not hasattr(nodes_pkg, "RollingForcingExtension")
+    # what needs ComfyUI says so, naming the missing piece (the adapter is the only door to it)
+    with pytest.raises(RuntimeError, match=r"ComfyUI .* has no module comfy_api.latest, which Rolling Forcing needs"):
+        importlib.import_module(f"{PACK}.nodes.stream_decode")
 
 
 # ----------------------------------------------------------------------------- loader options
@@ -169,8 +170,8 @@ def test_latent_size():
 def test_plan_length(seconds, blocks, latent, frames):
     plan = logic.plan_length(seconds)
     assert (plan.blocks, plan.latent_frames, plan.frames) == (blocks, latent, frames)
-    assert plan.blocks == core_schedule.blocks_for_seconds(seconds)
-    assert plan.frames == core_schedule.pixel_frames(latent)
+    assert plan.blocks == core_timing.Timeline().blocks_for(seconds)
+    assert plan.frames == core_timing.pixel_frames(latent)
     assert plan.actual_seconds >= seconds - 1 / 16  # never shorter than asked (to the frame)
     assert f"= {frames} frames" in plan.describe()
 

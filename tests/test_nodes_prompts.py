@@ -43,7 +43,7 @@ def test_schedule_errors_name_the_segment():
     with pytest.warns(UserWarning, match="line 2: starts at 90 s"):
         sched, warns = pl.build_schedule(pl.story_segments("0 a\n1:30 b", enc), 60.0, ident)
     assert len(sched.segments) == 1
-    seg = pl.SegmentSpec
+    seg = pl.TimedPrompt
     bad = pl.PromptList((seg(0, enc("a"), "a", source="segment 1"), seg(10, enc("b"), "b", source="segment 2"),
                          seg(10, enc("c"), "c", source="segment 3")))
     with pytest.raises(ValueError, match="segment 3: start 10 s is the same time as"):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from rolling.config import RollingConfig
-from rolling.prompts import (PromptSchedule, PromptSegment, block_start_seconds, parse_prompt_lines,
-                             schedule_from_times, seconds_to_block)
+from rolling.prompts import PromptSchedule, PromptSegment, TimedPrompt, parse_prompt_lines, schedule_from_times
+from rolling.timing import Timeline
 from rolling.sampler import RollingSampler
 
 
@@ -21,11 +21,13 @@ def _sampler(model, calls=None, **cfg):
 
 
 def test_rounding_rule():
-    assert block_start_seconds(0) == 0 and block_start_seconds(1) == 9 / 16 and block_start_seconds(27) == 321 / 16
-    assert seconds_to_block(20) == 27  # 20.06 s
+    tl = Timeline()
+    assert tl.block_start(0) == 0 and tl.block_start(1) == 9 / 16 and tl.block_start(27) == 321 / 16
+    assert tl.block_at(20) == 27  # 20.06 s
     for t in (0, 0.3, 5, 20, 45, 600):
-        b = seconds_to_block(t)
-        assert abs(block_start_seconds(b) - t) <= 0.375 + 1e-9
+        assert abs(tl.block_start(tl.block_at(t)) - t) <= 0.375 + 1e-9
+    # other block lengths move the switch with them: 2-frame blocks are 0.5 s apart
+    assert Timeline(2).block_at(20) == 40 and Timeline(2).block_start(40) == pytest.approx(19.8125)
 
 
 @pytest.mark.parametrize("mode", ["reference", "fused"])
@@ -97,13 +99,13 @@ def test_recache_rewrites_exactly_the_cached_blocks(tiny_model, mode):
             if blk.index == switch:  # the new segment's first block is finished -> becomes the sink
                 break
         next(it)  # its clean-cache pass runs before the next window
-        assert s.cache.sink_ids == [switch] and s.cache.cached_blocks()[0] == switch
+        assert s.cache.book.sink == (switch,) and s.cache.cached_blocks()[0] == switch
         assert all(b > switch or b == switch for b in s.cache.cached_blocks())
         assert not torch.equal(s.cache.sink_k, k_before[1])
     else:
         for blk in it:
             pass
-        assert s.cache.sink_ids == [0]
+        assert s.cache.book.sink == (0,)
 
 
 def test_recache_changes_outputs_only_after_the_switch(tiny_model):
@@ -143,11 +145,13 @@ def test_parse_errors_name_the_line(text, msg):
 
 def test_schedule_from_times_and_errors():
     A, B = _ctx(1), _ctx(2)
-    s = schedule_from_times([(0, A, "a"), (20, B, "b")], transition="blend", blend_seconds=1.5, recache="keep_sink")
+    s, _ = schedule_from_times([TimedPrompt(0, A, "a"), TimedPrompt(20, B, "b", "blend", 1.5, "keep_sink")])
     assert [x.start_block for x in s.segments] == [0, 27]
     assert s.segments[1].blend_blocks == 2 and s.segments[1].recache == "keep_sink"
-    with pytest.raises(ValueError, match="at least 0.75 s apart"):
-        schedule_from_times([(0, A, "a"), (0.2, B, "b")])
+    s2, _ = schedule_from_times([TimedPrompt(0, A, "a"), TimedPrompt(20, B, "b", "blend", 1.5)], Timeline(2))
+    assert [x.start_block for x in s2.segments] == [0, 40] and s2.segments[1].blend_blocks == 3
+    with pytest.raises(ValueError, match="at least one block"):
+        schedule_from_times([TimedPrompt(0, A, "a"), TimedPrompt(0.2, B, "b")])
     with pytest.raises(ValueError, match="must start at 0:00"):
         PromptSchedule([PromptSegment(2, A)])
     with pytest.raises(ValueError, match="transition"):

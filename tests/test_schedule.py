@@ -1,7 +1,133 @@
+"""The schedules (rolling.schedule) and the time and flow arithmetic: model-free, property-tested."""
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from rolling.cache import OWN, RollingKVCache
 from rolling.config import RollingConfig, parse_steps, validate_steps
-from rolling.schedule import FlowSchedule, blocks_for_seconds, iter_windows, num_windows, pixel_frames, seconds_for_blocks
+from rolling.flow import FlowSchedule
+from rolling.schedule import SCHEDULES, WRITES, Forward, Recache, chunk_windows, forwards, rolling_windows
+from rolling.timing import Timeline, pixel_frames
+
+RUNS = st.tuples(st.sampled_from(SCHEDULES), st.integers(1, 5), st.integers(1, 10), st.sampled_from(WRITES),
+                 st.integers(0, 2))
+
+
+def _forwards(schedule, T, nb, writes, first=0, switches=None):
+    return [f for f in forwards(schedule, T, nb, writes=writes, first_block=first, switches=switches)
+            if isinstance(f, Forward)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(RUNS)
+def test_every_block_is_denoised_once_per_step_in_order(run):
+    schedule, T, nb, writes, first = run
+    first = min(first, nb - 1)
+    seen = {b: [] for b in range(first, nb)}
+    finished, noisy = [], {}
+    for f in _forwards(schedule, T, nb, writes, first):
+        for b, j in zip(f.blocks, f.steps):
+            seen[b].append(j)
+            assert (j == 0) == (b in f.fresh)
+            assert j == 0 or noisy.pop(b) == j  # its input was re-noised to exactly this step
+        for b, j in f.renoise:
+            assert j == seen[b][-1] + 1 and b not in noisy
+            noisy[b] = j
+        for b in f.finished:
+            assert seen[b][-1] == T - 1
+        finished += f.finished
+        assert list(f.blocks) == list(range(f.blocks[0], f.blocks[-1] + 1)) if f.blocks else f.clean
+    assert all(v == list(range(T)) for v in seen.values())
+    assert finished == list(range(first, nb)) and not noisy
+    assert [f.index for f in _forwards(schedule, T, nb, writes, first)] == list(range(len(_forwards(
+        schedule, T, nb, writes, first))))
+
+
+def _replay(schedule, T, nb, writes, first=0, switches=None):
+    """Run the plans through a real (tiny, CPU) KV cache: per forward, what each group reads, resolved to
+    (block, frame, position); and per stored block, the step of the x0 its cache entry was written from."""
+    cfg = RollingConfig(steps=tuple(range(1000, 1000 - 100 * T, -100)), schedule=schedule,
+                        update_mode="fused" if writes == "fused" else "reference")
+    cache = RollingKVCache(cfg, num_layers=1, num_heads=1, head_dim=6, batch=1, grid=(1, 1), device="cpu",
+                           dtype=torch.float32)
+    kept, written_from, reads = {b: "prefix" for b in range(first)}, {}, []
+    for f in forwards(schedule, T, nb, writes=writes, first_block=first, switches=switches):
+        if isinstance(f, Recache):
+            continue
+        plan = cache.plan(f)
+        inputs = list(f.clean) + list(f.blocks)
+        for g in plan.groups:
+            window = []
+            for s in g.sources:
+                if s.block == OWN:
+                    for i in range(s.f0, s.f1):
+                        blk = inputs[i // cfg.frames_per_block]
+                        if i >= len(f.clean) * cfg.frames_per_block:
+                            continue  # the forward's own noisy frames
+                        window.append((blk, i % cfg.frames_per_block, s.pos + i - s.f0, kept[blk]))
+                else:
+                    for i in range(s.f0, s.f1):
+                        window.append((s.block, i, s.pos + i - s.f0, written_from[s.block]))
+            if g.q0 >= len(f.clean) * cfg.frames_per_block:
+                reads.append((f.window, sorted(window)))
+        cache.commit(plan)
+        for b in f.clean:
+            written_from[b] = kept.pop(b)
+        for b, j in zip(f.blocks, f.steps):
+            if b in f.keep:
+                kept[b] = j
+    return reads, cfg
+
+
+@settings(max_examples=100, deadline=None)
+@given(RUNS)
+def test_denoising_reads_see_only_finished_clean_blocks(run):
+    """Every cached key a denoising forward reads was written (before it) from its block's final x0."""
+    schedule, T, nb, writes, first = run
+    first = min(first, nb - 1)
+    reads, _ = _replay(schedule, T, nb, writes, first)
+    for _, keys in reads:
+        assert all(src in ("prefix", T - 1) for *_, src in keys), keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(SCHEDULES), st.integers(1, 5), st.integers(1, 10), st.integers(0, 2))
+def test_all_write_placements_read_the_same_keys(schedule, T, nb, first):
+    """fused / needed / every: different forwards, the same keys (block, frame, position) for every window."""
+    first = min(first, nb - 1)
+    runs = [_replay(schedule, T, nb, w, first)[0] for w in WRITES]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_reference_schedules_count_the_published_forwards():
+    # Rolling Forcing: 12 blocks, 5 steps -> 16 windows + 16 update passes (the shared golden trace: 32 calls)
+    rf = _forwards("rolling", 5, 12, "every")
+    assert len(rf) == 32 and sum(not f.blocks for f in rf) == 16
+    assert len(_forwards("rolling", 5, 12, "fused")) == 16  # one forward per window
+    # Self-Forcing: 7 blocks x (4 steps + 1 update) = 35 calls
+    sf = _forwards("chunk_causal", 4, 7, "every")
+    assert len(sf) == 35 and [f.kind for f in sf[:5]] == ["window"] * 4 + ["update"]
+    assert [f.kind for f in _forwards("chunk_causal", 4, 3, "fused")] == ["window"] * 4 + ["fused"] + \
+        ["window"] * 3 + ["fused"] + ["window"] * 3
+
+
+def test_windows_closed_form_and_streams():
+    assert [w.blocks for w in rolling_windows(5, 3)] == [(0,), (0, 1), (0, 1, 2), (0, 1, 2), (0, 1, 2), (1, 2), (2,)]
+    it = rolling_windows(5, None)
+    ws = [next(it) for _ in range(20)]
+    assert ws[-1].blocks == tuple(range(15, 20)) and ws[-1].write == 15
+    c = chunk_windows(4, None, start=9)
+    assert [(w.blocks, w.steps, w.write) for w in (next(c), next(c), next(c))] == [
+        ((2,), (1,), None), ((2,), (2,), None), ((2,), (3,), 2)]
+
+
+def test_recache_items_come_before_the_switch_window():
+    items = list(forwards("rolling", 5, 10, writes="fused", switches={6: "keep_sink"}))
+    i = next(n for n, it in enumerate(items) if isinstance(it, Recache))
+    assert items[i] == Recache(6, "keep_sink")
+    assert items[i - 1].kind == "update"  # the due write is flushed first, even when fused
+    assert 6 in items[i + 1].fresh
 
 
 def test_warped_reference_steps():
@@ -13,39 +139,23 @@ def test_warped_reference_steps():
     assert FlowSchedule(5.0).warp([1000, 750, 500, 250]) == pytest.approx([1000, 937.5, 833.333, 625.0], abs=1e-3)
 
 
-@pytest.mark.parametrize("nb", [1, 2, 3, 4, 5, 6, 12])
-@pytest.mark.parametrize("T", [1, 3, 5])
-def test_every_block_sees_every_step_once_in_order(nb, T):
-    seen = {b: [] for b in range(nb)}
-    wins = list(iter_windows(nb, T))
-    assert len(wins) == num_windows(nb, T)
-    finished = []
-    for w in wins:
-        assert list(w.blocks) == list(range(max(0, w.index - T + 1), min(nb - 1, w.index) + 1))
-        for b in w.blocks:
-            seen[b].append(w.step(b))
-        if w.finished_block is not None:
-            finished.append(w.finished_block)
-    assert all(v == list(range(T)) for v in seen.values())
-    assert finished == list(range(nb))  # each block leaves exactly once, in order
-
-
-def test_unbounded_windows():
-    it = iter_windows(None, 5)
-    ws = [next(it) for _ in range(20)]
-    assert ws[-1].blocks == range(15, 20) and ws[-1].finished_block == 15
-
-
-def test_time_units():
+@pytest.mark.parametrize("fb", [1, 2, 3, 4])
+def test_time_units(fb):
+    tl = Timeline(fb)
     assert pixel_frames(21) == 81 and pixel_frames(126) == 501
-    assert blocks_for_seconds(5) == 7  # 81 frames = 5.06 s
-    assert seconds_for_blocks(42) == pytest.approx(31.3125)
+    assert Timeline().blocks_for(5) == 7 and Timeline().seconds(42) == pytest.approx(31.3125)
+    assert tl.block_seconds == 4 * fb / 16 and tl.block_start(1) == (4 * fb - 3) / 16
     for s in (0.1, 1, 4.9, 5, 30, 255.6):
-        assert seconds_for_blocks(blocks_for_seconds(s)) >= s - 1 / 16
-        assert seconds_for_blocks(blocks_for_seconds(s)) < s + 0.75 + 1 / 16
+        assert tl.seconds(tl.blocks_for(s)) >= s - 1 / 16
+        assert tl.seconds(tl.blocks_for(s)) < s + tl.block_seconds + 1 / 16
+    for t in (0.0, 0.3, 5.0, 20.0, 61.7, 3599.0):  # a switch lands within half a block of the time asked
+        assert abs(tl.block_start(tl.block_at(t)) - t) <= tl.block_seconds / 2 + 1e-9
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive number of seconds"):
-            blocks_for_seconds(bad)
+            tl.blocks_for(bad)
+    with pytest.raises(ValueError, match="finite"):
+        tl.block_at(float("nan"))
+    assert Timeline.clock(20.0625) == "0:20.06" and Timeline.clock(3725.5) == "1:02:05.50"
 
 
 @pytest.mark.parametrize("steps,msg", [([], "empty"), ([1000, 1000], "strictly decreasing"),
@@ -65,12 +175,11 @@ def test_parse_steps():
 
 def test_rolling_config_validation():
     assert RollingConfig().window_frames == 15 and RollingConfig().ring_blocks == 7
-    with pytest.raises(ValueError, match="span_frames"):
-        RollingConfig(span_frames=17)
-    with pytest.raises(ValueError, match="multiple of frames_per_block"):
-        RollingConfig(capacity_frames=25)
-    with pytest.raises(ValueError, match="update_mode"):
-        RollingConfig(update_mode="fast")
-    with pytest.raises(ValueError, match="sink"):
-        RollingConfig(capacity_frames=3)
+    assert RollingConfig(schedule="chunk_causal", span_frames=12, capacity_frames=15).window_frames == 3
+    for kw, msg in [({"span_frames": 17}, "span_frames"), ({"capacity_frames": 25}, "multiple of frames_per_block"),
+                    ({"update_mode": "fast"}, "update_mode"), ({"capacity_frames": 3}, "sink"),
+                    ({"span_frames": float("nan")}, "span_frames"), ({"schedule": "diagonal"}, "schedule"),
+                    ({"shift": float("inf")}, "shift"), ({"context_noise": float("nan")}, "context_noise")]:
+        with pytest.raises(ValueError, match=msg):
+            RollingConfig(**kw)
     RollingConfig(sink_blocks=0, steps=(1000, 500), span_frames=6, capacity_frames=6)

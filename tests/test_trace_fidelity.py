@@ -62,10 +62,10 @@ def test_wrong_rule_is_caught(trace):
     from rolling.cache import RollingKVCache
     orig = RollingKVCache._denoise_group
 
-    def fixed_sink(self, q0, first, nf):
-        g = orig(self, q0, first, nf)
-        g.sources = [dataclasses.replace(s, pos=0) if s.sink else s for s in g.sources]
-        return g
+    def fixed_sink(self, *a):
+        g = orig(self, *a)
+        return dataclasses.replace(g, sources=tuple(dataclasses.replace(s, pos=0) if s.sink else s
+                                                    for s in g.sources))
     RollingKVCache._denoise_group = fixed_sink
     try:
         res = replay_calls(trace)
@@ -102,3 +102,30 @@ def test_other_traces(name, mode):
                        device="cpu", noise=recover_noise(tr))
     out = s.generate(tr.tensors["context"], n)
     assert (out - tr.tensors["latents"].permute(0, 2, 1, 3, 4)).abs().max().item() < TOL
+
+
+SELF_FORCING = ["default_21f", "local12_sink3", "local10_nosink", "ctxnoise"]
+
+
+@pytest.mark.parametrize("name", SELF_FORCING)
+@pytest.mark.parametrize("mode", ["reference", "fused"])
+def test_self_forcing_traces(name, mode):
+    """The chunk-causal schedule against Self-Forcing's published inference code: every call (reference
+    mode: same calls in the same order), and an end-to-end run from the recorded noise, both write modes."""
+    from rolling.trace import load_trace
+    tr = load_trace(str(EXTRA / "self_forcing" / name))
+    assert tr.rolling_config.schedule == "chunk_causal"
+    calls = []
+    h, w = tr.latent_hw
+    s = RollingSampler(tr.model, tr.rolling_config.with_(update_mode=mode), height=h, width=w, dtype=torch.float32,
+                       device="cpu", noise=recover_noise(tr), on_call=calls.append)
+    out = s.generate(tr.tensors["context"], tr.meta["num_blocks"])
+    assert (out - tr.tensors["latents"].permute(0, 2, 1, 3, 4)).abs().max().item() < TOL
+    if mode == "reference":
+        res = replay_calls(tr)
+        assert res["v"] < TOL and res["x0"] < TOL, res
+        assert [(c.start_frame, c.num_frames, c.updating_cache) for c in calls] == \
+            [(c["start_frame"], c["num_frames"], c["updating_cache"]) for c in tr.calls]
+        assert all(c.timesteps == pytest.approx(t["timesteps"], abs=1e-4) for c, t in zip(calls, tr.calls))
+    else:  # the last block's clean pass is never read; the others ride in the next block's first forward
+        assert s.forwards == len(tr.calls) - tr.meta["num_blocks"]

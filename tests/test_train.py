@@ -13,7 +13,7 @@ from rolling.attention import sdpa_attention
 from rolling.model import build_model
 from rolling.noise import SeededNoise
 from rolling.sampler import RollingSampler
-from rolling.schedule import num_windows, window_at
+from rolling.schedule import Forward, rolling_windows
 from rolling.train import windows as W
 from rolling.train.config import TrainConfig, load_config
 from rolling.train.dit import WanDiT
@@ -69,9 +69,9 @@ def test_gradient_windows_disjoint_and_cover_loss_frames(T, fb, L):
             loss_blocks = {b for b in range(nb) if b * fb >= start}
             assert loss_blocks <= set(gblocks)  # ... and cover every loss frame
             for w in gw:  # each one reaches into the loss frames
-                assert (window_at(w, nb, T).last + 1) * fb > start
+                assert (W.window_blocks(w, nb, T)[-1] + 1) * fb > start
             for w in set(ow) - set(gw):  # the others lie entirely before the loss frames
-                assert (window_at(w, nb, T).last + 1) * fb <= start
+                assert (W.window_blocks(w, nb, T)[-1] + 1) * fb <= start
             for b in range(nb):
                 w = W.block_window(b, nb, T, k)
                 assert w % T == k and b in W.window_blocks(w, nb, T)
@@ -86,7 +86,7 @@ def test_reference_geometry_examples():
     # offset 0: window 0 (block 0, frames 0-2) ends before frame 6 -> no gradient
     assert W.gradient_windows(9, 5, 0, 3, 21) == [5, 10]
     assert W.offset_windows(9, 5, 0) == [0, 5, 10]
-    assert num_windows(9, 5) == 13
+    assert len(list(rolling_windows(5, 9))) == 13
 
 
 # ---------------------------------------------------------------------------------- forwards
@@ -107,13 +107,16 @@ def test_causal_forward_matches_core(ctx):
     worst = 0.0
     for b in range(8):  # block b: update pass, then a denoise pass over the next window
         x = torch.randn(1, 16, 3, H, WD, generator=g)
-        for plan_fn in (lambda c: c.plan_update(b), lambda c: c.plan_denoise(b + 1, min(5, 8 - b))):
-            p1, p2 = plan_fn(core_cache), plan_fn(train_cache)
-            xin = x if p1.kind == "update" else torch.randn(1, 16, p1.num_frames, H, WD, generator=g)
-            ts = [0.0] * 3 if p1.kind == "update" else [952.381] * p1.num_frames
+        blocks = tuple(range(b + 1, b + 1 + min(5, 8 - b)))
+        for fwd in (Forward(0, "update", clean=(b,)), Forward(1, "window", blocks=blocks, steps=(1,) * len(blocks))):
+            p1, p2 = core_cache.plan(fwd), train_cache.plan(fwd)
+            xin = x if fwd.clean else torch.randn(1, 16, p1.num_frames, H, WD, generator=g)
+            ts = [0.0] * 3 if fwd.clean else [952.381] * p1.num_frames
             tx = [(0, xin.shape[2], text[0][2])]
             v1 = forward(model, arch, xin, ts, p1, core_cache, tx, time_, sdpa_attention)
             v2 = dit(xin, ts, ctx, plan=p2, cache=train_cache)
+            core_cache.commit(p1)
+            train_cache.commit(p2)
             worst = max(worst, (v1 - v2).abs().max().item())
     assert worst < 1e-5
 
@@ -126,7 +129,8 @@ def test_bidirectional_forward_is_full_attention(ctx):
                            device="cpu", dtype=torch.float32)
     x = torch.randn(1, 16, 15, H, WD, generator=torch.Generator().manual_seed(3))
     ts = [float(t) for t in torch.linspace(900, 100, 15)]
-    v_core = forward(model, WanArch.of(model), x, ts, cache.plan_denoise(0, 5), cache,
+    v_core = forward(model, WanArch.of(model), x, ts, cache.plan(Forward(0, "window", blocks=tuple(range(5)),
+                                                                        steps=(0,) * 5)), cache,
                      [(0, 15, TextContext(model, ctx, dtype=torch.float32, device="cpu"))],
                      TimeEmbedder(model, dtype=torch.float32, device="cpu"), sdpa_attention)
     dit = WanDiT(model)
@@ -177,7 +181,7 @@ class _Spy(torch.nn.Module):
 
     def forward(self, x, ts, c, **kw):
         v = self.dit(x, ts, c, **kw)
-        self.log.append((kw["plan"].kind, x.requires_grad, v.requires_grad))
+        self.log.append(("update" if kw["plan"].writes else "denoise", x.requires_grad, v.requires_grad))
         return v
 
 

@@ -23,12 +23,11 @@ import itertools
 
 import torch
 
-from ..cache import RollingKVCache
 from ..config import WanConfig
 from ..model import build_model
-from ..schedule import iter_windows, window_at
+from ..forward import WanArch
 from .config import TrainConfig
-from .windows import gradient_windows, sf_gradient_blocks
+from .rollout import Rollout, RolloutChoice
 
 H100_BF16_DENSE = 989e12  # FLOP/s, for the time estimate only
 
@@ -50,36 +49,22 @@ def forward_flops(cfg: WanConfig, q_tokens: int, k_tokens: int, text_tokens: int
 
 
 def rollout_forwards(tc: TrainConfig, num_frames: int, branch: str, offset: int) -> list[tuple[int, int, bool]]:
-    """(query frames, key frames, with gradient) of every student forward of one rollout."""
+    """(query frames, key frames, with gradient) of every student forward of one rollout: the real
+    :class:`Rollout` on the meta device, with a stand-in generator that records each forward's plan."""
     rc = tc.rolling_config()
-    fb, T = rc.frames_per_block, rc.num_steps
-    nb = num_frames // fb
-    cache = RollingKVCache(rc, num_layers=1, num_heads=1, head_dim=2, batch=1, grid=(1, 1), device="meta",
-                           dtype=torch.float32)
-    out = []
-    if branch == "rolling":
-        gws = set(gradient_windows(nb, T, offset, fb, tc.loss_frames))
-        for win in iter_windows(nb, T):
-            plan = cache.plan_denoise(win.first, len(win.steps))
-            cache.prepare(plan)
-            out.append((plan.num_frames, plan.groups[0].key_frames, win.index in gws))
-            nxt = window_at(win.index + 1, nb, T) if win.index + 1 < nb + T - 1 else None
-            if nxt is not None and nxt.first > win.first:
-                plan = cache.plan_update(win.first)
-                cache.prepare(plan)
-                out.append((plan.num_frames, plan.groups[0].key_frames, False))
-    else:
-        gblocks = set(sf_gradient_blocks(nb, fb, tc.loss_frames))
-        for b in range(nb):
-            for j in range(offset + 1):
-                plan = cache.plan_denoise(b, 1)
-                cache.prepare(plan)
-                out.append((fb, plan.groups[0].key_frames, j == offset and b in gblocks))
-            if b < nb - 1:
-                plan = cache.plan_update(b)
-                cache.prepare(plan)
-                out.append((fb, plan.groups[0].key_frames, False))
-    return out
+    seen = []
+
+    def generator(x, timesteps, context, *, plan, cache):
+        seen.append((plan.num_frames, sum(g.key_frames for g in plan.groups), torch.is_grad_enabled()))
+        return torch.zeros_like(x)
+
+    arch = WanArch(dim=2, num_heads=1, num_layers=1, freq_dim=2, text_dim=2, in_dim=16, out_dim=16, patch_size=(1, 1, 1))
+    r = Rollout(generator, rc, height=1, width=1, batch=1, device="meta", arch=arch)
+    with torch.enable_grad():
+        r.run(torch.empty(1, 1, 2, device="meta"), RolloutChoice(num_frames, branch, offset),
+              lambda b, j, shape, device, dtype: torch.empty(shape, device=device, dtype=dtype),
+              loss_frames=tc.loss_frames)
+    return seen
 
 
 def _choices(tc: TrainConfig):

@@ -1,24 +1,22 @@
 """Training rollouts of the causal student (ALGORITHM.md 8.3 step 3): the Rolling-Forcing rollout and
-the Self-Forcing rollout, on the core's window schedule and KV-cache rules.
+the Self-Forcing rollout, as drivers over the same schedules as inference (:mod:`rolling.schedule`,
+with ``writes="needed"``: clean-cache passes run only where something reads them, which changes no
+value) and the same numerics (:class:`rolling.flow.Steps`); re-noising and cache passes run without
+gradient (their inputs are detached).
 
-Rolling-Forcing rollout (mirrors :meth:`rolling.sampler.RollingSampler.stream`): windows, per-block
-timesteps, re-noising and clean-cache passes exactly as at inference; re-noising and cache passes run
-without gradient (their inputs are detached). Window w runs with gradient iff w % T == k (the offset
-k is shared by all ranks) and it reaches into the loss frames (:func:`windows.gradient_windows`).
-Each block's *output* is its x0 prediction from its offset window (w % T == k), so the output
-mixes noise levels across blocks exactly like the reference; blocks whose offset window runs without
-gradient get that window's detached x0 (the reference leaves them zero), and gradient is kept only on
-loss-frame blocks. ``final`` is the finished video (each block's last-step x0 = inference output).
+Rolling-Forcing rollout: the ``rolling`` schedule. Window w runs with gradient iff w % T == k (the
+offset k is shared by all ranks) and it reaches into the loss frames (:func:`windows.gradient_windows`).
+Each block's *output* is its x0 prediction from its offset window (w % T == k), so the output mixes
+noise levels across blocks exactly like the reference; blocks whose offset window runs without
+gradient get that window's detached x0 (the reference leaves them zero), and gradient is kept only
+on loss-frame blocks. ``final`` is the finished video (each block's last-step x0 = inference output).
 
-Self-Forcing rollout: block by block, steps 0..k with the shared exit step k (steps after k are
-skipped), the exit-step forward carries gradient for blocks starting at or after N - loss_frames;
-the block's x0 at step k is its output and is written to the cache (clean, t = context_noise; the
-reference's sigma = 0.00498 noise injection is available as ``cache_noise=True``). Each step's
-keys follow the core's ``plan_denoise(block, 1)``: re-rotated sink + up to span - 6 frames of clean
-history + the block itself, as in the reference's Self-Forcing branch on the RF attention code.
-
-Only clean-cache passes that something reads are run (those of the ramp-up windows 0..T-2 and of the
-last window are overwritten / never read), which changes no value.
+Self-Forcing rollout: the ``chunk_causal`` schedule truncated at the shared exit step k (steps after
+k are skipped, so step k finishes a block); the exit-step forward carries gradient for blocks
+starting at or after N - loss_frames; the block's x0 at step k is its output and is written to the
+cache (clean, t = context_noise; the reference's sigma = 0.00498 noise injection is available as
+``cache_noise=True``). The student's cache read rules are Rolling Forcing's for both branches, as in
+the reference's Self-Forcing branch on the RF attention code.
 
 Shapes: latents [B, C, F, H, W]; ``context`` [B, tokens, text_dim].
 """
@@ -30,8 +28,9 @@ from typing import Callable
 import torch
 
 from ..config import RollingConfig
+from ..flow import Steps, add_noise
 from ..noise import NoiseSource
-from ..schedule import FlowSchedule, add_noise, iter_windows, window_at, x0_from_flow
+from ..schedule import forwards
 from .cache import TrainKVCache
 from .windows import gradient_windows, loss_frame_mask, loss_start, sf_gradient_blocks
 
@@ -125,10 +124,7 @@ class Rollout:
         self.arch = arch or generator.arch
         self.height, self.width, self.batch = height, width, batch
         self.device, self.dtype = torch.device(device), dtype
-        self.schedule = FlowSchedule(cfg.shift)
-        self.t = self.schedule.warp(cfg.steps)
-        self.sigma = [self.schedule.sigma(t) for t in self.t]
-        self.t_ctx = float(cfg.context_noise)
+        self.steps = Steps(cfg.steps, cfg.shift, cfg.frames_per_block, device, cfg.context_noise)
         a = self.arch
         self.cache = TrainKVCache(cfg, num_layers=a.num_layers, num_heads=a.num_heads, head_dim=a.head_dim,
                                   batch=batch, grid=(height // a.patch_size[1], width // a.patch_size[2]),
@@ -137,15 +133,6 @@ class Rollout:
     @property
     def num_steps(self) -> int:
         return self.cfg.num_steps
-
-    def _draw(self, noise: NoiseSource, block: int, step: int) -> torch.Tensor:
-        shape = (self.batch, self.arch.in_dim, self.cfg.frames_per_block, self.height, self.width)
-        return noise(block, step, shape, self.device, self.dtype)
-
-    def _sigmas(self, steps) -> torch.Tensor:
-        fb = self.cfg.frames_per_block
-        vals = [self.sigma[j] for j in steps for _ in range(fb)]
-        return torch.tensor(vals, dtype=torch.float32, device=self.device).view(1, 1, -1, 1, 1)
 
     def run(self, context: torch.Tensor, choice: RolloutChoice, noise: NoiseSource, *, loss_frames: int,
             grad: bool = True, cache_noise: bool = False) -> RolloutResult:
@@ -156,77 +143,56 @@ class Rollout:
             raise ValueError(f"offset {choice.offset} out of range 0..{self.num_steps - 1}")
         loss_start(choice.num_frames, loss_frames)
         grad = grad and torch.is_grad_enabled()
-        if choice.branch == "rolling":
-            return self._rolling(context, choice, noise, loss_frames, grad)
-        return self._self_forcing(context, choice, noise, loss_frames, grad, cache_noise)
-
-    # ------------------------------------------------------------------ Rolling Forcing
-    def _rolling(self, ctx, choice, noise, loss_frames, grad) -> RolloutResult:
-        fb, T = self.cfg.frames_per_block, self.num_steps
         nb, k = choice.num_frames // fb, choice.offset
         start = choice.num_frames - loss_frames
-        gws = gradient_windows(nb, T, k, fb, loss_frames)
-        gset = set(gws) if grad else set()
-        cache = self.cache
-        cache.reset()
-        noisy: dict[int, torch.Tensor] = {}
-        out: list = [None] * nb
-        final: list = [None] * nb
-        records = []
-        for win in iter_windows(nb, T):
-            xs = [self._draw(noise, b, 0) if win.step(b) == 0 else noisy.pop(b) for b in win.blocks]
-            x = torch.cat(xs, dim=2) if len(xs) > 1 else xs[0]
-            tsteps = [self.t[j] for j in win.steps for _ in range(fb)]
-            plan = cache.plan_denoise(win.first, len(win.steps))
-            g = win.index in gset
-            with torch.set_grad_enabled(g):
-                v = self.gen(x, tsteps, ctx, plan=plan, cache=cache)
-                x0 = x0_from_flow(x, v, self._sigmas(win.steps))
-            records.append(ForwardRecord("denoise", win.index, (win.first * fb, (win.last + 1) * fb), win.steps, g))
-            x0d = x0.detach()
-            for i, b in enumerate(win.blocks):
-                if win.index % T == k:  # the block's offset window: its output
-                    keep = g and (b + 1) * fb > start
-                    out[b] = x0[:, :, i * fb:(i + 1) * fb] if keep else x0d[:, :, i * fb:(i + 1) * fb]
-                j = win.step(b)
-                xb = x0d[:, :, i * fb:(i + 1) * fb]
-                if j < T - 1:
-                    noisy[b] = add_noise(xb, self._draw(noise, b, j + 1), self.sigma[j + 1])
-                else:
-                    final[b] = xb
-            nxt = window_at(win.index + 1, nb, T) if win.index + 1 < nb + T - 1 else None
-            if nxt is not None and nxt.first > win.first:  # block win.first is read later: write it clean
-                with torch.no_grad():
-                    self.gen(x0d[:, :, :fb], [self.t_ctx] * fb, ctx, plan=cache.plan_update(win.first), cache=cache)
-                records.append(ForwardRecord("update", win.index, (win.first * fb, (win.first + 1) * fb), (), False))
-        return RolloutResult(choice, torch.cat(out, dim=2), torch.cat(final, dim=2), gws if grad else [], records)
+        if choice.branch == "rolling":
+            steps, items = self.steps, forwards("rolling", self.num_steps, nb, writes="needed")
+            gset = set(gradient_windows(nb, self.num_steps, k, fb, loss_frames)) if grad else set()
 
-    # ------------------------------------------------------------------ Self Forcing
-    def _self_forcing(self, ctx, choice, noise, loss_frames, grad, cache_noise) -> RolloutResult:
-        fb = self.cfg.frames_per_block
-        nb, k = choice.num_frames // fb, choice.offset
-        gblocks = sf_gradient_blocks(nb, fb, loss_frames)
-        gset = set(gblocks) if grad else set()
+            def with_grad(f):
+                return f.window in gset
+
+            def is_output(f, b):
+                return f.window % self.num_steps == k
+        else:
+            steps = Steps(self.cfg.steps[:k + 1], self.cfg.shift, fb, self.device, self.cfg.context_noise)
+            items = forwards("chunk_causal", k + 1, nb, writes="needed")
+            gset = set(sf_gradient_blocks(nb, fb, loss_frames)) if grad else set()
+
+            def with_grad(f):
+                return f.steps == (k,) and f.blocks[0] in gset
+
+            def is_output(f, b):
+                return f.steps == (k,)
+        out, final, records = [None] * nb, [None] * nb, []
+        noisy, kept = {}, {}
         cache = self.cache
         cache.reset()
-        out, final, records = [], [], []
-        for b in range(nb):
-            x = self._draw(noise, b, 0)
-            for j in range(k + 1):
-                g = j == k and b in gset
-                with torch.set_grad_enabled(g):
-                    v = self.gen(x, [self.t[j]] * fb, ctx, plan=cache.plan_denoise(b, 1), cache=cache)
-                    x0 = x0_from_flow(x, v, self._sigmas((j,)))
-                records.append(ForwardRecord("denoise", b, (b * fb, (b + 1) * fb), (j,), g))
-                if j < k:
-                    x = add_noise(x0.detach(), self._draw(noise, b, j + 1), self.sigma[j + 1])
-            out.append(x0)
-            final.append(x0.detach())
-            if b < nb - 1:
-                xin = x0.detach()
-                if cache_noise:  # reference: add_noise(x0, eps, t=0) -> sigma 0.00498
-                    xin = add_noise(xin, self._draw(noise, b, -1), self.schedule.sigma(self.t_ctx))
-                with torch.no_grad():
-                    self.gen(xin, [self.t_ctx] * fb, ctx, plan=cache.plan_update(b), cache=cache)
-                records.append(ForwardRecord("update", b, (b * fb, (b + 1) * fb), (), False))
-        return RolloutResult(choice, torch.cat(out, dim=2), torch.cat(final, dim=2), gblocks if grad else [], records)
+
+        def draw(b, j):
+            shape = (self.batch, self.arch.in_dim, fb, self.height, self.width)
+            return noise(b, j, shape, self.device, self.dtype)
+        for f in items:
+            g = bool(f.blocks) and with_grad(f)
+            clean = kept
+            if f.clean and cache_noise and choice.branch == "self":  # reference: add_noise(x0, eps, t=0)
+                clean = {b: add_noise(kept[b], draw(b, -1), steps.table.sigma(steps.t_ctx)) for b in f.clean}
+            x = steps.input(f, clean, noisy, draw)
+            plan = cache.plan(f)
+            with torch.set_grad_enabled(g):
+                v = self.gen(x, steps.timesteps(f), context, plan=plan, cache=cache)
+                at, renoised = steps.output(f, x, v, draw)
+            cache.commit(plan)
+            for b in f.clean:
+                kept.pop(b)
+            noisy.update(renoised)
+            kept.update({b: at[b].detach() for b in f.keep})
+            for b in f.finished:
+                final[b] = at[b].detach()
+            for b in f.blocks:
+                if is_output(f, b):
+                    out[b] = at[b] if g and (b + 1) * fb > start else at[b].detach()
+            first, last = (f.clean or f.blocks)[0], (f.clean + f.blocks)[-1]
+            records.append(ForwardRecord("denoise" if f.blocks else "update", f.window if choice.branch == "rolling"
+                                         else first, (first * fb, (last + 1) * fb), f.steps, g))
+        return RolloutResult(choice, torch.cat(out, dim=2), torch.cat(final, dim=2), sorted(gset), records)

@@ -12,19 +12,19 @@ at or after frame N - loss_frames.
 """
 from __future__ import annotations
 
-from ..schedule import num_windows, window_at
+from ..schedule import rolling_windows
 
 
-def window_blocks(w: int, num_blocks: int, num_steps: int) -> range:
+def window_blocks(w: int, num_blocks: int, num_steps: int) -> tuple[int, ...]:
     """Blocks of window w."""
-    return window_at(w, num_blocks, num_steps).blocks
+    return next(rolling_windows(num_steps, num_blocks, start=w)).blocks
 
 
 def offset_windows(num_blocks: int, num_steps: int, offset: int) -> list[int]:
     """All windows w with w % num_steps == offset (disjoint, together covering every block once)."""
     if not 0 <= offset < num_steps:
         raise ValueError(f"offset must be in 0..{num_steps - 1}, got {offset}")
-    return [w for w in range(num_windows(num_blocks, num_steps)) if w % num_steps == offset]
+    return [w.index for w in rolling_windows(num_steps, num_blocks) if w.index % num_steps == offset]
 
 
 def loss_start(num_frames: int, loss_frames: int) -> int:
@@ -39,7 +39,7 @@ def gradient_windows(num_blocks: int, num_steps: int, offset: int, frames_per_bl
     """Rolling-Forcing gradient windows: offset windows whose end frame lies after N - loss_frames."""
     start = loss_start(num_blocks * frames_per_block, loss_frames)
     return [w for w in offset_windows(num_blocks, num_steps, offset)
-            if (window_at(w, num_blocks, num_steps).last + 1) * frames_per_block > start]
+            if (window_blocks(w, num_blocks, num_steps)[-1] + 1) * frames_per_block > start]
 
 
 def block_window(block: int, num_blocks: int, num_steps: int, offset: int) -> int:
