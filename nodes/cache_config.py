@@ -1,27 +1,28 @@
-"""Rolling Forcing Cache Settings: attention sink, attention span, KV-cache capacity and update rules.
+"""Rolling Forcing Cache Settings: schedule, attention sink, attention span, KV-cache capacity and update
+rules, as a RollingConfig (the pack's ROLLING_FORCING_CACHE socket; the sampler sets the steps).
 
-Outputs the pack-specific ROLLING_FORCING_CACHE type, read by Rolling Forcing Sampler. Defaults
-reproduce the published sampler; the sampler uses the defaults when nothing is connected.
+Defaults reproduce the published sampler; the sampler uses the defaults when nothing is connected.
 """
 from __future__ import annotations
 
+from ..rolling.config import ROPE_MODES, SCHEDULES, UPDATE_MODES, RollingConfig
 from . import comfy_adapter as comfy
-from . import logic
+from .names import CACHE_TYPE, CATEGORY
+from .run_inputs import CACHE_LIMITS, cache_config
 
 io = comfy.io
-
-RollingForcingCache = io.Custom(logic.CACHE_TYPE)
+RollingForcingCache = io.Custom(CACHE_TYPE)
 
 
 class RollingForcingCacheConfig(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        d = logic.CacheSettings()
-        lim = logic.CACHE_LIMITS
+        d = RollingConfig()
+        lim = CACHE_LIMITS
         return io.Schema(
             node_id="RollingForcingCacheConfig",
             display_name="Rolling Forcing Cache Settings",
-            category=f"{logic.CATEGORY}/sampling",
+            category=f"{CATEGORY}/sampling",
             description=(
                 "Attention-sink and KV-cache settings of the Rolling Forcing sampler (units: latent frames; one "
                 "block = 3 latent frames = 12 video frames). The defaults reproduce the published sampler; "
@@ -45,13 +46,18 @@ class RollingForcingCacheConfig(io.ComfyNode):
                                max=lim["context_noise"][1], step=1.0,
                                tooltip="Timestep (0-999) given to the pass that writes a finished block into the "
                                        "cache; 0 = clean, as in the reference."),
-                io.Combo.Input("update_mode", options=list(logic.UPDATE_MODES), default=d.update_mode,
+                io.Combo.Input("update_mode", options=list(UPDATE_MODES), default=d.update_mode,
                                tooltip="reference: a separate clean-cache forward after every window (as "
                                        "published). fused: folded into the next window's forward, fewer passes, "
                                        "numerically close but not identical."),
-                io.Combo.Input("rope_mode", options=list(logic.ROPE_MODES), default=d.rope_mode,
+                io.Combo.Input("rope_mode", options=list(ROPE_MODES), default=d.rope_mode,
                                tooltip="RoPE positions: reference (absolute frame positions, as published) or "
                                        "relative (positions relative to the attention span)."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default=d.schedule, optional=True,
+                               tooltip="rolling: Rolling Forcing's joint window of staggered noise levels (what the "
+                                       "checkpoint was trained for). chunk_causal: Self-Forcing / CausVid sampling, "
+                                       "one block at a time through all steps (for Self-Forcing checkpoints; set the "
+                                       "steps to 1000,750,500,250 and span to 21 with no sink for its defaults)."),
             ],
             outputs=[RollingForcingCache.Output(display_name="cache",
                                                 tooltip="Cache settings for the cache input of Rolling Forcing "
@@ -60,19 +66,18 @@ class RollingForcingCacheConfig(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sink_blocks=None, span_frames=None, capacity_frames=None, context_noise=None,
-                        update_mode=None, rope_mode=None):
-        values = (sink_blocks, span_frames, capacity_frames, context_noise, update_mode, rope_mode)
+                        update_mode=None, rope_mode=None, schedule="rolling"):
+        values = (sink_blocks, span_frames, capacity_frames, context_noise, update_mode, rope_mode, schedule)
         if any(v is None for v in values):  # a linked value: checked when the node runs
             return True
         try:
-            logic.make_cache_settings(*values)
+            cache_config(*values)
         except ValueError as e:
             return str(e)
         return True
 
     @classmethod
     def execute(cls, sink_blocks: int, span_frames: int, capacity_frames: int, context_noise: float,
-                update_mode: str, rope_mode: str) -> io.NodeOutput:
-        settings = logic.make_cache_settings(sink_blocks, span_frames, capacity_frames, context_noise, update_mode,
-                                             rope_mode)
-        return io.NodeOutput(settings)
+                update_mode: str, rope_mode: str, schedule: str = "rolling") -> io.NodeOutput:
+        return io.NodeOutput(cache_config(sink_blocks, span_frames, capacity_frames, context_noise, update_mode,
+                                          rope_mode, schedule))

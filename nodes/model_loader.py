@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 
-from ..rolling.loading import CheckpointError, config_from_state_dict, extract_state_dict, read_raw
+from ..rolling.loading import WEIGHT_CHOICES, CheckpointError, config_from_state_dict, extract_state_dict, read_raw
 from . import comfy_adapter as comfy
-from . import logic
+from . import model_options as options
+from .names import CATEGORY
 
 io, folder_paths = comfy.io, comfy.folder_paths
 
@@ -22,11 +23,11 @@ log = logging.getLogger("RollingForcing")
 class RollingForcingModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = logic.checkpoint_files(folder_paths.get_filename_list("diffusion_models"))
+        files = options.checkpoint_files(folder_paths.get_filename_list("diffusion_models"))
         return io.Schema(
             node_id="RollingForcingModelLoader",
             display_name="Rolling Forcing Model Loader",
-            category=f"{logic.CATEGORY}/loaders",
+            category=f"{CATEGORY}/loaders",
             description=(
                 "Loads a Rolling Forcing (or Self-Forcing) Wan2.1-T2V-1.3B checkpoint from models/diffusion_models: "
                 "the release's rolling_forcing_dmd.pt (generator_ema / generator weights) or a converted "
@@ -36,14 +37,14 @@ class RollingForcingModelLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=files,
                                tooltip="Checkpoint in models/diffusion_models (.pt, .pth or .safetensors), e.g. "
                                        "rolling_forcing_dmd.pt from TencentARC/RollingForcing."),
-                io.Combo.Input("weights", options=list(logic.WEIGHT_CHOICES), default="ema",
+                io.Combo.Input("weights", options=list(WEIGHT_CHOICES), default="ema",
                                tooltip="Which generator weights of a release .pt to use: ema (generator_ema, what "
                                        "the reference samples with) or regular (generator). Plain state dicts "
                                        "have only one set and ignore this."),
-                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default",
+                io.Combo.Input("weight_dtype", options=list(options.WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights. default lets ComfyUI choose for your device; "
                                        "fp8 halves the weight memory (computation then runs in bf16/fp16)."),
-                io.Combo.Input("attention", options=list(logic.ATTENTION_BACKENDS), default="auto",
+                io.Combo.Input("attention", options=list(options.ATTENTION_BACKENDS), default="auto",
                                tooltip="Attention kernel the Rolling Forcing sampler uses with this model: auto "
                                        "(sage on CUDA when installed, else PyTorch SDPA), sdpa, sage "
                                        "(sageattention) or flash (flash-attn). Unavailable ones fall back to sdpa."),
@@ -56,18 +57,18 @@ class RollingForcingModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, weights: str = "ema", weight_dtype: str = "default",
                 attention: str = "auto") -> io.NodeOutput:
-        logic.check_choice("weights", weights, logic.WEIGHT_CHOICES)
-        logic.check_choice("attention backend", attention, logic.ATTENTION_BACKENDS)
-        options = logic.weight_dtype_options(weight_dtype)
+        options.check_choice("weights", weights, WEIGHT_CHOICES)
+        options.check_choice("attention backend", attention, options.ATTENTION_BACKENDS)
+        dtype_options = options.weight_dtype_options(weight_dtype)
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        patcher = load_patcher(path, weights, options, attention)
-        comfy.register_reload(patcher, load_patcher, (path, weights, options, attention))
+        patcher = load_patcher(path, weights, dtype_options, attention)
+        comfy.register_reload(patcher, load_patcher, (path, weights, dtype_options, attention))
         log.info("[RollingForcing] loaded %s (%s weights, dtype %s, manual cast %s, attention %s)", model_name, weights,
                  *comfy.model_dtypes(patcher)[::-1], attention)
         return io.NodeOutput(patcher)
 
 
-def load_patcher(path: str, weights: str, options: dict, attention: str, disable_dynamic: bool = False):
+def load_patcher(path: str, weights: str, dtype_options: dict, attention: str, disable_dynamic: bool = False):
     """A checkpoint file -> ComfyUI's Wan model (ModelPatcher), refusing what Rolling Forcing cannot sample.
     Also ComfyUI's way to load the same MODEL again (see ``comfy_adapter.register_reload``)."""
     name = os.path.basename(path)
@@ -78,14 +79,14 @@ def load_patcher(path: str, weights: str, options: dict, attention: str, disable
         raise ValueError(f"{name}: {e}") from None
     except ValueError as e:  # e.g. an unsupported architecture in the shapes
         raise ValueError(f"{name} is not a usable Wan2.1 text-to-video checkpoint: {e}") from None
-    patcher = comfy.load_diffusion_model(sd, options, disable_dynamic=disable_dynamic)
+    patcher = comfy.load_diffusion_model(sd, dtype_options, disable_dynamic=disable_dynamic)
     del sd
     if patcher is None:
         raise ValueError(f"{name}: ComfyUI could not detect a Wan2.1 model in this checkpoint")
     problem = model_problem(patcher)
     if problem:
         raise ValueError(f"{name}: {problem}")
-    logic.with_attention(patcher.model_options, attention)
+    options.with_attention(patcher.model_options, attention)
     return patcher
 
 
@@ -103,6 +104,6 @@ def model_problem(patcher) -> str | None:
     patch = 1
     for p in pe.shape[2:]:
         patch *= int(p)
-    return logic.wan_t2v_problem(class_name=type(dm).__name__, model_type=getattr(dm, "model_type", None),
+    return options.wan_t2v_problem(class_name=type(dm).__name__, model_type=getattr(dm, "model_type", None),
                                  has_image_embedding=getattr(dm, "img_emb", None) is not None,
                                  in_dim=int(pe.shape[1]), out_dim=int(head.shape[0]) // patch)

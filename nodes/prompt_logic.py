@@ -13,7 +13,7 @@ import torch
 
 from ..rolling.prompts import TimedPrompt, check_options, describe, parse_prompt_lines, schedule_from_times
 
-PROMPTS_TYPE = "ROLLING_FORCING_PROMPTS"
+from .names import PROMPTS_TYPE
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..rolling.prompts import RECACHE, TRANSITIONS
 from . import comfy_adapter as comfy
-from . import logic
+from .names import CATEGORY
+from .run_inputs import conditioning_tensor
 from .prompt_logic import PROMPTS_TYPE, PromptList, TimedPrompt, check_options, parse_time, story_segments
 
 io = comfy.io
@@ -36,7 +37,7 @@ class RollingForcingPromptSegment(io.ComfyNode):
         return io.Schema(
             node_id="RollingForcingPromptSegment",
             display_name="Rolling Forcing Prompt Segment",
-            category=f"{logic.CATEGORY}/prompts",
+            category=f"{CATEGORY}/prompts",
             description=("One timed prompt of a story: this CONDITIONING applies from `start` until the next "
                          "segment. Chain segments through `previous` (the first must start at 0:00) and connect "
                          "the last one to the sampler's positive input. Starts snap to the nearest block "
@@ -73,7 +74,7 @@ class RollingForcingPromptSegment(io.ComfyNode):
         check_options(transition, blend_seconds, recache)
         prev = previous or PromptList()
         n = len(prev.segments) + 1
-        seg = TimedPrompt(parse_time(start), logic.conditioning_tensor(conditioning), label or f"segment {n}",
+        seg = TimedPrompt(parse_time(start), conditioning_tensor(conditioning), label or f"segment {n}",
                           transition, blend_seconds, recache, f"segment {n} ({label or start})")
         return io.NodeOutput(prev.add(seg))
 
@@ -84,7 +85,7 @@ class RollingForcingPromptStory(io.ComfyNode):
         return io.Schema(
             node_id="RollingForcingPromptStory",
             display_name="Rolling Forcing Prompt Story",
-            category=f"{logic.CATEGORY}/prompts",
+            category=f"{CATEGORY}/prompts",
             description=("A whole story as text, one prompt per line, each starting with its time: "
                          "'0:00 a quiet street at dusk' / '0:20 rain starts, neon reflections' (seconds or m:ss; "
                          "lines starting with # are comments). Each prompt is encoded with the connected text "
@@ -118,6 +119,6 @@ class RollingForcingPromptStory(io.ComfyNode):
             raise ValueError("no text encoder connected: use CLIPLoader with type wan (umT5-XXL)")
 
         def encode(prompt: str):
-            return logic.conditioning_tensor(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
+            return conditioning_tensor(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
         return io.NodeOutput(story_segments(text, encode, transition=transition, blend_s=blend_seconds,
                                             recache=recache))

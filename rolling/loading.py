@@ -15,6 +15,7 @@ import torch
 from .config import WanConfig
 from .model import WanModel
 
+WEIGHT_CHOICES = ("ema", "regular")  # generator_ema or generator of a release checkpoint
 ACCEPTED = ".pt, .pth (a Rolling Forcing / Self-Forcing release checkpoint or a plain state dict) or .safetensors"
 STRIP_INFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -59,8 +60,8 @@ def extract_state_dict(raw: MutableMapping, weights: str = "ema") -> dict[str, t
     ``generator``. Plain state dicts (optionally under ``model`` / ``state_dict``) are accepted too.
     Returns keys as in the Wan2.1 release (``blocks.0.self_attn.q.weight``...).
     """
-    if weights not in ("ema", "regular"):
-        raise ValueError(f"weights must be 'ema' or 'regular', got {weights!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     if not isinstance(raw, MutableMapping):
         raise CheckpointError(f"checkpoint holds a {type(raw).__name__}, not a state dict; accepted: {ACCEPTED}")
     order = ("generator_ema", "generator") if weights == "ema" else ("generator",)
