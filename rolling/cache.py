@@ -81,15 +81,20 @@ class CacheBook:
     """Who is where: ``ring[i]`` = block in ring slot i (-1 empty); ``sink[i]`` = block in sink slot i
     (-1 not written yet); ``targets`` = blocks that go to the sink slots when written (the first
     blocks, or a re-anchored scene's first blocks; a re-anchor replaces the sink and drops older ring
-    blocks when its first target is written)."""
+    blocks when its first target is written). ``tags`` record, per stored block, what it was encoded
+    with (the prompt key of its clean pass), so a plan can say what each read sees."""
 
     ring: tuple[int, ...]
     sink: tuple[int, ...]
     targets: tuple[int, ...]
+    tags: tuple = ()  # (block, tag) pairs of stored blocks
 
     @classmethod
     def empty(cls, cfg: RollingConfig) -> "CacheBook":
         return cls((-1,) * cfg.ring_blocks, (-1,) * cfg.sink_blocks, tuple(range(cfg.sink_blocks)))
+
+    def tag(self, b: int):
+        return dict(self.tags).get(b)
 
     def sink_blocks(self) -> list[int]:
         return [b for b in self.sink if b >= 0]
@@ -105,21 +110,32 @@ class CacheBook:
     def in_ring(self, b: int) -> bool:
         return b >= 0 and bool(self.ring) and self.ring[self.ring_slot(b)] == b
 
-    def write(self, b: int) -> tuple["CacheBook", tuple[str, int]]:
-        """The book after writing block b, and where b goes: ("sink", i) or ("ring", i)."""
-        if b in self.targets:
-            i = self.targets.index(b)
+    def write(self, b: int, tag=None) -> tuple["CacheBook", tuple[str, int]]:
+        """The book after writing block b, and where b goes: ("sink", i) or ("ring", i). A block in the
+        sink is rewritten in place (also while a re-anchor waits for its new sink blocks)."""
+        keep = tuple((x, t) for x, t in self.tags if x != b)
+        if b in self.sink or b in self.targets:
+            i = self.sink.index(b) if b in self.sink else self.targets.index(b)
             ring = self.ring
-            if self.targets != tuple(range(len(self.targets))) and i == 0 and self.sink[0] != b:
+            if b not in self.sink and i == 0 and self.targets != tuple(range(len(self.targets))):
                 ring = tuple(x if x > b else -1 for x in ring)  # re-anchor: the new scene replaces the old
             sink = self.sink[:i] + (b,) + self.sink[i + 1:]
-            return replace(self, ring=ring, sink=sink), ("sink", i)
-        s = self.ring_slot(b)
-        return replace(self, ring=self.ring[:s] + (b,) + self.ring[s + 1:]), ("ring", s)
+            where = ("sink", i)
+        else:
+            s = self.ring_slot(b)
+            ring, sink, where = self.ring[:s] + (b,) + self.ring[s + 1:], self.sink, ("ring", s)
+        stored = set(ring) | set(sink)
+        return replace(self, ring=ring, sink=sink, tags=tuple((x, t) for x, t in keep if x in stored) + ((b, tag),)), where
 
     def reanchor(self, first: int) -> "CacheBook":
         """Blocks ``first ..`` become the sink when written; until then the current sink stays in use."""
         return replace(self, targets=tuple(range(first, first + len(self.sink))))
+
+    def resink(self, first: int) -> "CacheBook":
+        """Start over from blocks ``first ..`` as the sink (to be written next): everything else is dropped
+        (LongLive's recache with ``global_sink: false``)."""
+        return replace(self, ring=(-1,) * len(self.ring), sink=(-1,) * len(self.sink), tags=(),
+                       targets=tuple(range(first, first + len(self.sink))))
 
     def ring_after(self, newest: int) -> list[int]:
         """Non-sink blocks in the ring once ``newest`` is there (oldest first)."""
@@ -240,16 +256,23 @@ class RollingKVCache:
         return sum(t.numel() * t.element_size() for t in bufs)
 
     # ------------------------------------------------------------------ plans (pure)
-    def plan(self, fwd) -> KVPlan:
-        """The plan of a :class:`rolling.schedule.Forward` (its clean blocks, then its denoised blocks)."""
+    def plan(self, fwd, tag=None) -> KVPlan:
+        """The plan of a :class:`rolling.schedule.Forward` (its clean blocks, then its denoised blocks);
+        ``tag`` is recorded with the blocks it writes (e.g. the prompt they are encoded under)."""
         fb = self.fb
         book, writes = self.book, []
+        if fwd.kind == "recache" and fwd.recache == "new_sink":
+            book = book.resink(fwd.clean[0])
         for i, b in enumerate(fwd.clean):
-            book, (where, slot) = book.write(b)
-            writes.append((b, i * fb, where, slot))
+            if i >= fwd.query_only:
+                book, (where, slot) = book.write(b, tag)
+                writes.append((b, i * fb, where, slot))
         pos = [b * fb + f for b in fwd.clean + fwd.blocks for f in range(fb)]
         written = {b: f0 for b, f0, _, _ in writes}
-        groups = [self._clean_group(book, i * fb, b, written) for i, b in enumerate(fwd.clean)]
+        if fwd.kind == "recache":
+            groups = [self._recache_group(book, fwd)]
+        else:
+            groups = [self._clean_group(book, i * fb, b, written) for i, b in enumerate(fwd.clean)]
         if fwd.blocks:
             groups.append(self._denoise_group(book, len(fwd.clean) * fb, fwd.blocks[0], len(fwd.blocks) * fb,
                                               written))
@@ -257,10 +280,12 @@ class RollingKVCache:
             groups = [replace(g, base=min(s.pos for s in g.sources)) for g in groups]
         tables = {}
         hp, wp = self.grid
+        needed = [(b * fb, fb) for b, _, _, _ in writes]  # stored rotated at the block's own position
         for g in groups:
-            for p, n in [(g.q_pos - g.base, g.q1 - g.q0)] + [(s.pos - g.base, s.frames) for s in g.sources]:
-                if (p, n) not in tables:
-                    tables[(p, n)] = self.rope.tables(range(p, p + n), hp, wp, self.device)
+            needed += [(g.q_pos - g.base, g.q1 - g.q0)] + [(s.pos - g.base, s.frames) for s in g.sources]
+        for p, n in needed:
+            if (p, n) not in tables:
+                tables[(p, n)] = self.rope.tables(range(p, p + n), hp, wp, self.device)
         plan = KVPlan(tuple(pos), tuple(writes), tuple(groups), book, tables)
         self.check(plan)
         return plan
@@ -302,6 +327,21 @@ class RollingKVCache:
             sources += work
         sources.append(KeySource(OWN, q0, q0 + frames, pos))
         return QueryGroup(q0, q0 + frames, pos, tuple(sources))
+
+    def _recache_group(self, book: CacheBook, fwd) -> QueryGroup:
+        """A prompt-switch re-encode (as LongLive's ``_recache_after_switch``): all ``fwd.clean`` frames
+        are queries; the keys are the re-encoded frames after the ``query_only`` leading blocks (those map
+        onto the kept sink: computed, not stored, not attended to), both ways, plus the kept sink."""
+        fb, blocks, qo = self.fb, fwd.clean, fwd.query_only
+        sources = []
+        if qo:
+            first_key = blocks[qo] * fb
+            sink = [b for b in book.sink_blocks() if b not in blocks]
+            for i, b in enumerate(sink):
+                p = first_key - (len(sink) - i) * fb if self.adjacent_sink else b * fb
+                sources.append(KeySource(b, 0, fb, p, sink=True))
+        sources.append(KeySource(OWN, qo * fb, len(blocks) * fb, blocks[qo] * fb))
+        return QueryGroup(0, len(blocks) * fb, blocks[0] * fb, tuple(sources))
 
     def _clean_group(self, book: CacheBook, q0: int, block: int, written: dict) -> QueryGroup:
         """Keys of the clean-cache pass of ``block`` (input frames q0 .. q0 + fb), after it is written."""

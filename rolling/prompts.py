@@ -8,25 +8,33 @@ later block), so a switch lands within half a block (0.375 s with 3-frame blocks
 """
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
 from .timing import Timeline
 
 TRANSITIONS = ("cut", "blend")
-RECACHE = ("none", "keep_sink", "reanchor")
+RECACHE = ("none", "keep_sink", "new_sink", "reanchor")
+APPLIES = ("entering", "window")
 
 
 @dataclass
 class PromptSegment:
     """One segment: ``context`` [1 or B, tokens, text_dim] (umT5 embedding, padding zeroed) from
     ``start_block`` on. ``transition`` into it: ``cut`` or ``blend`` over ``blend_blocks`` blocks.
-    ``recache``: at the switch, re-encode the cached clean blocks' K/V under this prompt
-    (``keep_sink``: the attention sink is kept; ``reanchor``: this segment's first block becomes the
-    new sink). ``label`` is shown in progress text."""
+    ``recache`` at the switch (LongLive's re-encode of the recent clean history under this prompt,
+    :func:`rolling.schedule.recache_blocks`; afterwards blocks still being generated are also cached
+    under this prompt): ``keep_sink`` (LongLive ``global_sink: true``: the sink keeps its K/V),
+    ``new_sink`` (``global_sink: false``: the oldest re-encoded block becomes the sink), ``reanchor``
+    (like keep_sink, and this segment's first block becomes the sink once finished). ``applies``:
+    the new prompt conditions only the blocks from ``start_block`` on (``entering``) or, from the
+    switch on, every block still in the window (``window``). ``label`` is shown in progress text."""
 
     start_block: int
     context: torch.Tensor
@@ -34,12 +42,15 @@ class PromptSegment:
     blend_blocks: int = 0
     recache: str = "none"
     label: str = ""
+    applies: str = "entering"
 
     def __post_init__(self):
         if self.transition not in TRANSITIONS:
             raise ValueError(f"transition must be one of {TRANSITIONS}, got {self.transition!r}")
         if self.recache not in RECACHE:
             raise ValueError(f"recache must be one of {RECACHE}, got {self.recache!r}")
+        if self.applies not in APPLIES:
+            raise ValueError(f"applies must be one of {APPLIES}, got {self.applies!r}")
         if self.blend_blocks < 0:
             raise ValueError(f"blend length must be >= 0 blocks, got {self.blend_blocks}")
 
@@ -50,6 +61,7 @@ class PromptSchedule:
 
     segments: list[PromptSegment]
     warnings: list[str] = field(default_factory=list)
+    window_blocks: int = 1  # blocks a denoising window holds (set by the sampler), for ``applies="window"``
 
     def __post_init__(self):
         if not self.segments:
@@ -69,15 +81,22 @@ class PromptSchedule:
                 i = j
         return i
 
-    def conditioning(self, block: int) -> tuple:
+    def conditioning(self, block: int, newest: int | None = None) -> tuple:
         """Key of the text conditioning of a block: ``(i,)`` for segment i, or ``(i, w)`` inside a blend
         into segment i, where w in (0, 1) is the weight of segment i (the previous one gets 1 - w).
+        ``newest``: the newest block of the forward denoising it (the switch to an ``applies="window"``
+        segment has happened once that block has entered).
 
         A blend of n blocks into a segment starting at block s gives blocks s .. s+n-1 the weights
         1/(n+1) .. n/(n+1); block s+n on is fully the new segment."""
         i = self.segment_index(block)
+        if newest is not None:
+            for j in range(i + 1, len(self.segments)):
+                s = self.segments[j]
+                if s.applies == "window" and s.start_block <= newest and block > s.start_block - self.window_blocks:
+                    i = j
         seg = self.segments[i]
-        k = block - seg.start_block
+        k = max(0, block - seg.start_block)
         if i > 0 and seg.transition == "blend" and k < seg.blend_blocks:
             return (i, (k + 1) / (seg.blend_blocks + 1))
         return (i,)
@@ -104,46 +123,261 @@ class PromptSchedule:
         return cls([PromptSegment(0, context, label=label)])
 
 
-_TIME = re.compile(r"^\s*(?:(\d+):)?(\d+(?:\.\d+)?)\s*(?:s\b)?\s*[-:|]?\s*(.*)$")
+MAX_STORY_SECONDS = 360_000.0  # 100 h: times and durations beyond this are refused (not a video length)
+MAX_BLEND_SECONDS = 600.0
+TIME_HELP = "seconds (20, 20.5, 20s), m:ss (0:20) or h:mm:ss (1:00:00)"
+
+# characters read as their ASCII counterparts in times and markers; one character for one, so positions in
+# the ASCII view are positions in the text (Unicode decimal digits of any script are mapped too, other
+# whitespace but newlines becomes a space)
+_ASCII = {**{c: ":" for c in "\uff1a\u2236\ufe55\ufe13\ua789"},  # full-width / ratio / small / vertical colon
+          **{c: "." for c in "\uff0e\u2024"},  # full-width full stop, one-dot leader
+          **{c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\uff0d\ufe63"},  # dashes, minus signs
+          "\uff5c": "|", "\u2223": "|", "\uff3b": "[", "\uff3d": "]", "\u3010": "[", "\u3011": "]",
+          "\uff03": "#", "\uff53": "s", "\uff33": "s", "S": "s"}
+
+
+def _ascii_view(text: str) -> str:
+    out = []
+    for c in text:
+        if c in _ASCII:
+            c = _ASCII[c]
+        elif not c.isascii():
+            d = unicodedata.decimal(c, None)
+            c = str(d) if d is not None else (" " if c.isspace() else c)
+        elif c.isspace() and c != "\n":
+            c = " "
+        out.append(c)
+    return "".join(out)
+
+
+_CLOCK = re.compile(r"(\d+)(?::(\d+))?(?::(\d+))?(\.\d+)?", re.ASCII)
+
+
+def parse_clock(text: str, what: str = "time") -> float:
+    """``20``, ``20.5``, ``20s``, ``m:ss`` (``1:05``, ``1:05.5``) or ``h:mm:ss`` (``1:00:00``) -> seconds.
+
+    Full-width colons / digits and other common Unicode forms are read as ASCII. The value is exact
+    (no float rounding of the parts) and at most 100 h. Raises ValueError naming ``what``."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be text such as '0:20', got {text!r}")
+    v = _ascii_view(text).strip()
+    v = v[:-1].rstrip() if v.endswith("s") else v
+    m = _CLOCK.fullmatch(v)
+    if not m or len(v) > 40:
+        raise ValueError(f"{what} {text.strip()[:40]!r} is not a time: write {TIME_HELP}")
+    head, p2, p3, frac = m.groups()
+    parts = [head] + [p for p in (p2, p3) if p is not None]
+    secs = Fraction(parts[-1] + (frac or ""))
+    if len(parts) > 1 and secs >= 60:
+        raise ValueError(f"{what} {text.strip()!r} has {float(secs):g} seconds; use m:ss or h:mm:ss with ss below 60")
+    if len(parts) == 3 and int(parts[1]) >= 60:
+        raise ValueError(f"{what} {text.strip()!r} has {int(parts[1])} minutes; use h:mm:ss with mm below 60")
+    total = secs + sum(int(p) * 60 ** (len(parts) - 1 - i) for i, p in enumerate(parts[:-1]))
+    if total > MAX_STORY_SECONDS:
+        raise ValueError(f"{what} {text.strip()[:40]!r} is more than {MAX_STORY_SECONDS / 3600:g} hours")
+    return float(total)
+
+
+@dataclass(frozen=True)
+class StoryItem:
+    """One prompt of a story text: ``start`` (seconds), ``prompt``, ``line`` (1-based, where its text
+    begins), ``segment`` (1-based position in a timed-syntax story, 0 in the line format), ``cut``
+    (``#``: a hard cut into it, whatever the story's transition) and ``duration`` (its ``[Ns]``, or None)."""
+
+    start: float
+    prompt: str
+    line: int
+    segment: int = 0
+    cut: bool = False
+    duration: float | None = None
+
+    @property
+    def source(self) -> str:
+        return f"line {self.line}" + (f", segment {self.segment}" if self.segment else "")
+
+
+# the time at the start of a line (ASCII view): the clock token, an optional "s", then a boundary
+_LINE_TIME = re.compile(r"^( *)(\d+(?:[:.]\d+)*)( *s\b)?", re.ASCII)
+_CLOCK_START = re.compile(r"^ *\d+:\d+", re.ASCII)
+_LINE_SEP = re.compile(r" *[-:|]? *", re.ASCII)
+# a duration marker of the timed syntax: [5s], [2.5s], [1:30], [10s#], [ 5 s # ]
+_MARKER = re.compile(r"\[ *([\d:.]+) *(s?) *([#@]*) *\]", re.ASCII)
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def parse_story(text: str, video_seconds: float | None = None) -> tuple[list[StoryItem], list[str]]:
+    """Parse a prompt story in either syntax -> (items, warnings).
+
+    *Line format* (one prompt per line): ``TIME PROMPT`` with TIME in seconds (``20``, ``20.5``,
+    ``20s``), ``m:ss`` or ``h:mm:ss``, optionally followed by ``-``, ``:`` or ``|``; times strictly
+    increasing, the first ``0:00``.
+
+    *Timed syntax* (Infinity-RoPE style): ``a red circle[5s] | a blue square[10s#] | ...``: segments
+    separated by ``|`` (over any number of lines), each ending in its DURATION ``[Ns]`` (or ``[m:ss]``);
+    segment i starts at the sum of the durations before it (the first at 0:00), so the last duration
+    only says where the story ends and may be left out. ``#`` in the marker is a hard cut into that
+    segment: its transition is ``cut`` even when the story's transition is ``blend``. After the last
+    marker, ``; subtitles`` (Infinity-RoPE's subtitle list) are ignored with a warning. A text with a
+    duration marker is read in the timed syntax (a segment may not also start with an m:ss time);
+    newlines inside a segment are read as spaces.
+
+    Both: lines starting with ``#`` are comments; full-width colons / digits / brackets and other
+    common Unicode punctuation in times are read as ASCII; errors are ValueErrors naming the line;
+    prompts starting at or beyond ``video_seconds`` are dropped with a warning."""
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise ValueError(f"line 1: a prompt story must be text, got {type(text).__name__}")
+    # comments blanked (not removed), so offsets and line numbers stay those of the text
+    lines = text.splitlines()
+    kept = ["" if ln.strip().startswith(("#", "\uff03")) else ln for ln in lines]
+    body = "\n".join(kept)
+    view = _ascii_view(body)
+    if _MARKER.search(view):
+        items, warns = _parse_timed(body, view)
+    else:
+        items, warns = _parse_lines(kept), []
+    if not items:
+        raise ValueError("no prompts found: write one prompt per line, each starting with its time, e.g. "
+                         "'0:00 a street', or the timed syntax 'a street[5s] | rain starts[10s]'")
+    if items[0].start != 0:
+        raise ValueError(f"line {items[0].line}: the first prompt must start at 0:00, got {items[0].start:g} s")
+    if video_seconds is not None:
+        keep = []
+        for it in items:
+            if it.start >= video_seconds:
+                warns.append(f"{it.source}: time {it.start:g} s is at or beyond the video's length "
+                             f"({video_seconds:g} s); dropped")
+            else:
+                keep.append(it)
+        items = keep
+    for w in warns:
+        warnings.warn(w, stacklevel=3)
+    return items, warns
+
+
+def _parse_lines(lines: list[str]) -> list[StoryItem]:
+    out: list[StoryItem] = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        view = _ascii_view(raw)
+        m = _LINE_TIME.match(view)
+        shown = raw.strip()[:60]
+        if not m:
+            raise ValueError(f"line {n}: {shown!r} does not start with a time; write e.g. '0:20 rain starts' "
+                             "(m:ss), '20 rain starts' (seconds) or '1:00:00 night falls' (h:mm:ss), or the "
+                             "whole story in the timed syntax 'a street[5s] | rain starts[10s]'")
+        end = m.end()
+        nxt = view[end:end + 1]
+        if nxt not in ("", " ", "-", ":", "|"):
+            raise ValueError(f"line {n}: {raw.strip()[:m.end() - len(m.group(1)) + 1]!r} is not a time: write "
+                             f"{TIME_HELP}, then the prompt")
+        try:
+            t = parse_clock(m.group(2), "start time")
+        except ValueError as e:
+            raise ValueError(f"line {n}: {e}") from None
+        sep = _LINE_SEP.match(view, end)
+        prompt = raw[sep.end():].strip()
+        if not prompt:
+            raise ValueError(f"line {n}: the prompt after {raw.strip()[:m.end()].strip()!r} is empty")
+        if out and t <= out[-1].start:
+            kind = "duplicate" if t == out[-1].start else "earlier than the previous line"
+            raise ValueError(f"line {n}: time {t:g} s is {kind} ({out[-1].start:g} s on line {out[-1].line}); "
+                             "times must be strictly increasing")
+        out.append(StoryItem(t, prompt, n))
+    return out
+
+
+def _parse_timed(body: str, view: str) -> tuple[list[StoryItem], list[str]]:
+    warns: list[str] = []
+    marks = list(_MARKER.finditer(view))
+    last = marks[-1]
+    tail = view[last.end():]
+    end = len(view)
+    if tail.strip().startswith(";"):
+        end = last.end()
+        warns.append(f"line {_line_of(view, last.end())}: the subtitles after ';' are ignored (the story sets "
+                     "prompts only)")
+    out: list[StoryItem] = []
+    start = Fraction(0)
+    pos, k = 0, 0
+    while pos <= end:
+        bar = view.find("|", pos, end)
+        stop = end if bar < 0 else bar
+        k += 1
+        piece_v, piece = view[pos:stop], body[pos:stop]
+        lead = len(piece_v) - len(piece_v.lstrip())
+        line = _line_of(view, pos + lead)
+        where = f"line {line}, segment {k}"
+        found = [m for m in _MARKER.finditer(piece_v)]
+        if not piece_v.strip():
+            where = f"line {_line_of(view, max(pos - 1, 0))}, segment {k}"  # where the '|' before it is
+            raise ValueError(f"{where}: empty segment (two '|' in a row, or a '|' at the end); write "
+                             "'prompt[5s] | prompt[10s]'")
+        dur, cut = None, False
+        if found:
+            m = found[-1]
+            if len(found) > 1:
+                raise ValueError(f"{where}: two duration markers ({found[0].group(0)!r} and {m.group(0)!r}); each "
+                                 "segment ends in one '[Ns]', segments are separated by '|'")
+            if piece_v[m.end():].strip():
+                raise ValueError(f"{where}: text {piece[m.end():].strip()[:30]!r} after the duration marker "
+                                 f"{m.group(0)!r}; the marker ends its segment: put a '|' before the next prompt")
+            num, unit, flags = m.groups()
+            if "@" in flags:
+                raise ValueError(f"{where}: '@' (scene recall) in {m.group(0)!r} is not supported; use '#' for a "
+                                 "hard cut or nothing for the story's transition")
+            try:
+                parse_clock(num + unit, "duration")
+                dur = _exact(num)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if dur <= 0:
+                raise ValueError(f"{where}: duration {m.group(0)!r} must be more than 0 seconds")
+            cut = "#" in flags
+            prompt = piece[:m.start()].strip()
+        else:
+            if bar >= 0:
+                raise ValueError(f"{where}: {piece.strip()[:40]!r} has no duration; end it with its length in "
+                                 "seconds, e.g. '[5s]' (only the last segment may leave it out)")
+            prompt = piece.strip()
+        if not prompt:
+            raise ValueError(f"{where}: the prompt before {found[-1].group(0)!r} is empty")
+        if _CLOCK_START.match(_ascii_view(prompt)):
+            raise ValueError(f"{where}: {prompt[:40]!r} starts with a time, but the story uses duration markers "
+                             "('[5s]'); write it in one syntax: lines 'TIME PROMPT', or 'prompt[5s] | prompt[10s#]'")
+        prompt = re.sub(r"\s*\n\s*", " ", prompt)
+        if start > MAX_STORY_SECONDS:
+            raise ValueError(f"{where}: starts after {MAX_STORY_SECONDS / 3600:g} hours")
+        out.append(StoryItem(float(start), prompt, line, k, cut and k > 1, None if dur is None else float(dur)))
+        if dur is not None:
+            start += dur
+        if bar < 0:
+            break
+        pos = bar + 1
+    return out, warns
+
+
+def _exact(clock: str) -> Fraction:
+    """The exact value of a clock token already checked by :func:`parse_clock` (durations add up exactly)."""
+    parts = clock.split(":")
+    return Fraction(parts[-1]) + sum(int(p) * 60 ** (len(parts) - 1 - i) for i, p in enumerate(parts[:-1]))
 
 
 def parse_prompt_lines(text: str, video_seconds: float | None = None) -> tuple[list[tuple[float, str, int]], list[str]]:
     """Parse ``"0:00 a quiet street\\n0:20 rain starts"`` -> [(0.0, 'a quiet street', 1), (20.0, ...)].
 
-    Each non-blank line is ``TIME PROMPT`` with TIME in seconds (``20``, ``20.5``, ``20s``) or
-    ``m:ss`` (``1:05``). Lines starting with ``#`` are comments. Errors name the line. Times at or
-    beyond ``video_seconds`` are dropped with a warning (so a long story still previews at a short
-    length). Returns (segments, warnings)."""
-    out, warns = [], []
-    for n, raw in enumerate((text or "").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _TIME.match(line)
-        if not m:
-            raise ValueError(f"line {n}: {raw.strip()!r} does not start with a time; write e.g. '0:20 rain starts' "
-                             "(m:ss) or '20 rain starts' (seconds)")
-        mins, secs, prompt = m.group(1), m.group(2), m.group(3).strip()
-        if mins is not None and float(secs) >= 60:
-            raise ValueError(f"line {n}: {mins}:{secs} has {secs} seconds; use m:ss with ss below 60")
-        t = (int(mins) * 60 if mins else 0) + float(secs)
-        if not prompt:
-            raise ValueError(f"line {n}: the prompt after {m.group(0).split()[0]!r} is empty")
-        if out and t <= out[-1][0]:
-            kind = "duplicate" if t == out[-1][0] else "earlier than the previous line"
-            raise ValueError(f"line {n}: time {t:g} s is {kind} ({out[-1][0]:g} s on line {out[-1][2]}); "
-                             "times must be strictly increasing")
-        if video_seconds is not None and t >= video_seconds:
-            warns.append(f"line {n}: time {t:g} s is at or beyond the video's length ({video_seconds:g} s); dropped")
-            continue
-        out.append((t, prompt, n))
-    if not out:
-        raise ValueError("no prompts found: write one prompt per line, each starting with its time, e.g. '0:00 a street'")
-    if out[0][0] != 0:
-        raise ValueError(f"line {out[0][2]}: the first prompt must start at 0:00, got {out[0][0]:g} s")
-    for w in warns:
-        warnings.warn(w, stacklevel=2)
-    return out, warns
+    Either syntax of :func:`parse_story` (the line format, or the timed syntax ``a[5s] | b[10s#]``;
+    use :func:`parse_story` for its hard cuts and durations). Errors are ValueErrors naming the line.
+    Times at or beyond ``video_seconds`` are dropped with a warning (so a long story still previews
+    at a short length). Returns (list of (start seconds, prompt, line number), warnings)."""
+    items, warns = parse_story(text, video_seconds)
+    return [(it.start, it.prompt, it.line) for it in items], warns
 
 
 @dataclass(frozen=True)
@@ -160,16 +394,25 @@ class TimedPrompt:
     source: str = ""
 
     def __post_init__(self):
+        name = self.source or (repr(self.label) if self.label else "prompt")
+        t = self.start_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or \
+                not 0 <= t <= MAX_STORY_SECONDS:
+            raise ValueError(f"{name}: start time must be a number of seconds from 0 to {MAX_STORY_SECONDS:g}, "
+                             f"got {t!r}")
         check_options(self.transition, self.blend_seconds, self.recache)
 
 
 def check_options(transition: str, blend_seconds: float, recache: str) -> None:
-    if transition not in TRANSITIONS:
+    """The transition options of a prompt (node inputs): ValueError naming the input and what is allowed."""
+    if not isinstance(transition, str) or transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
-    if recache not in RECACHE:
+    if not isinstance(recache, str) or recache not in RECACHE:
         raise ValueError(f"recache must be one of {', '.join(RECACHE)}, got {recache!r}")
-    if not (blend_seconds >= 0) or blend_seconds == float("inf"):
-        raise ValueError(f"blend length must be a finite number of seconds >= 0, got {blend_seconds:g}")
+    b = blend_seconds
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or \
+            not 0 <= b <= MAX_BLEND_SECONDS:
+        raise ValueError(f"blend_seconds must be a number of seconds from 0 to {MAX_BLEND_SECONDS:g}, got {b!r}")
 
 
 def schedule_from_times(items: list[TimedPrompt], timeline: Timeline | None = None,

@@ -13,7 +13,7 @@ KV cache, so a run can be saved at any point (also after a cancelled forward) an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -26,7 +26,7 @@ from .flow import Steps
 from .forward import ParamCast, TextContext, TimeEmbedder, WanArch, forward
 from .noise import NoiseSource, SeededNoise
 from .prompts import PromptSchedule
-from .schedule import Forward, Recache, forwards
+from .schedule import Forward, Reanchor, forwards
 
 STATE_VERSION = 2
 
@@ -155,6 +155,7 @@ class RollingSampler:
             context = PromptSchedule.single(context)
         for s in context.segments:
             s.context = self._check_embedding(s.context)
+        context.window_blocks = self.cfg.num_steps if self.cfg.schedule == "rolling" else 1
         self.prompts = context
 
     def _text(self, key: tuple) -> TextContext:
@@ -174,10 +175,18 @@ class RollingSampler:
         for k in [k for k in self._texts if rank(k) < floor]:
             del self._texts[k]
 
-    def _text_plan(self, blocks: list[int]) -> tuple[list, tuple]:
+    def _text_keys(self, fwd: Forward) -> list[tuple]:
+        """The prompt of every input block: clean blocks their own (or, after a re-encoding switch, the
+        new segment's, fully), denoised blocks theirs (as seen from the forward's newest block)."""
+        p = self.prompts
+        clean = [(p.segment_index(fwd.text_from),) if fwd.text_from is not None else p.conditioning(b)
+                 for b in fwd.clean]
+        newest = max(fwd.blocks) if fwd.blocks else None
+        return clean + [p.conditioning(b, newest) for b in fwd.blocks]
+
+    def _text_plan(self, keys: list[tuple]) -> tuple[list, tuple]:
         """(first frame, end frame, TextContext) ranges of consecutive input blocks sharing a prompt."""
         fb = self.cfg.frames_per_block
-        keys = [self.prompts.conditioning(b) for b in blocks]
         plan = []
         for i, k in enumerate(keys):
             if plan and plan[-1][2] == k:
@@ -193,8 +202,10 @@ class RollingSampler:
                               batch=self.batch, grid=self.grid, device=self.device, dtype=self.dtype)
 
     def _items(self, st: RunState):
-        return forwards(self.cfg.schedule, self.cfg.num_steps, st.num_blocks, writes=self.cfg.writes,
-                        first_block=st.first_block, switches={b: s.recache for b, s in self.prompts.switches().items()})
+        c = self.cfg
+        return forwards(c.schedule, c.num_steps, st.num_blocks, writes=c.writes, first_block=st.first_block,
+                        switches={b: s.recache for b, s in self.prompts.switches().items()},
+                        span_frames=c.span_frames, frames_per_block=c.frames_per_block, sink_blocks=c.sink_blocks)
 
     def num_windows(self, st: RunState) -> int | None:
         T = self.cfg.num_steps
@@ -211,14 +222,16 @@ class RollingSampler:
         fb = self.cfg.frames_per_block
         x = self.steps.input(fwd, sources, st.noisy, self._draw)
         ts = self.steps.timesteps(fwd)
-        text_blocks = [fwd.text_from if fwd.text_from is not None else b for b in fwd.clean] + list(fwd.blocks)
-        tp, keys = self._text_plan(text_blocks)
+        tp, keys = self._text_plan(self._text_keys(fwd))
         nc = len(fwd.clean) * fb
-        for i, b in enumerate(fwd.clean):
-            self._record(b * fb, fb, True, [self.t_ctx] * fb, keys[i:i + 1], "update" if fwd.blocks else fwd.kind)
+        if fwd.kind == "recache":  # one joint call
+            self._record(fwd.clean[0] * fb, nc, True, [self.t_ctx] * nc, keys[:len(fwd.clean)], fwd.kind)
+        else:
+            for i, b in enumerate(fwd.clean):
+                self._record(b * fb, fb, True, [self.t_ctx] * fb, keys[i:i + 1], "update" if fwd.blocks else fwd.kind)
         if fwd.blocks:
             self._record(fwd.blocks[0] * fb, x.shape[2] - nc, False, ts[nc:], keys[len(fwd.clean):], "denoise")
-        plan = self.cache.plan(fwd)
+        plan = self.cache.plan(fwd, tag=keys[0] if fwd.clean else None)
         v = forward(self.model, self.arch, x, ts, plan, self.cache, tp, self.time, self.attn, self.param_cast)
         self.forwards += 1
         at, noisy = self.steps.output(fwd, x, v, self._draw)
@@ -232,22 +245,13 @@ class RollingSampler:
             st.noisy.pop(b, None)
         st.noisy.update(out["noisy"])
         for b, lat in out["clean"].items():
-            st.kept.pop(b, None)
+            if fwd.kind != "recache":
+                st.kept.pop(b, None)
             st.clean[b] = lat
         st.kept.update(out["kept"])
         cached = set(self.cache.cached_blocks())
         for b in [b for b in st.clean if b not in cached]:
             del st.clean[b]
-
-    def _recache(self, st: RunState, item: Recache) -> None:
-        """Re-encode the cached clean blocks under the prompt of ``item.block``'s segment (the sink stays);
-        with ``reanchor`` the segment's first block(s) become the sink once finished."""
-        sink = set(self.cache.book.sink_blocks())
-        for b in [b for b in self.cache.cached_blocks() if b not in sink]:
-            fwd = Forward(-1, "recache", clean=(b,), text_from=item.block)
-            self._commit(st, fwd, self._run(st, fwd, st.clean))
-        if item.mode == "reanchor":
-            self.cache.commit(self.cache.reanchored(item.block))
 
     def _loop(self, st: RunState) -> Iterator[FinishedBlock]:
         self._warm(st)
@@ -256,11 +260,17 @@ class RollingSampler:
         for pos, item in enumerate(self._items(st)):
             if pos < st.next:
                 continue
-            if isinstance(item, Recache):
-                self._recache(st, item)
+            if isinstance(item, Reanchor):
+                self.cache.commit(self.cache.reanchored(item.block))
                 st.next = pos + 1
                 continue
-            out = self._run(st, item, st.kept)
+            if item.kind == "recache":  # only what the cache still holds (a tiny cache may have lost the oldest)
+                keep = tuple(b for b in item.clean if b in st.clean)
+                item = replace(item, clean=keep, query_only=max(0, item.query_only - (len(item.clean) - len(keep))))
+                if not keep:
+                    st.next = pos + 1
+                    continue
+            out = self._run(st, item, st.clean if item.kind == "recache" else st.kept)
             self._commit(st, item, out)
             st.next = pos + 1
             if item.blocks:

@@ -38,8 +38,11 @@ class Forward:
     KV cache), then the ``blocks`` denoised at ``steps``. After it: ``renoise`` (block, next step)
     pairs are re-noised from this forward's x0, ``finished`` blocks leave done, and the x0 of each
     block in ``keep`` is held as the clean latent of a later write. ``text_from``: every clean block
-    uses this block's prompt (a re-encode at a prompt switch); None = each block its own.
-    ``window`` is the schedule position (the window, or block * T + step for chunk_causal)."""
+    uses this block's prompt (after a re-encoding prompt switch); None = each block its own.
+    ``window`` is the schedule position (the window, or block * T + step for chunk_causal).
+    A ``recache`` forward (``kind="recache"``) re-encodes ``clean`` jointly at a prompt switch, with
+    sink mode ``recache`` and ``query_only`` leading blocks that are computed but neither stored nor
+    attended to (see :func:`recache_blocks`)."""
 
     index: int
     kind: str
@@ -51,6 +54,8 @@ class Forward:
     finished: tuple[int, ...] = ()
     keep: tuple[int, ...] = ()
     text_from: int | None = None
+    recache: str | None = None
+    query_only: int = 0
 
     @property
     def fresh(self) -> tuple[int, ...]:
@@ -64,12 +69,25 @@ class Forward:
 
 
 @dataclass(frozen=True)
-class Recache:
-    """At a prompt switch: re-encode what the KV cache holds under the prompt of ``block``'s segment,
-    before the window in which ``block`` enters (``mode``: keep_sink / reanchor, see rolling.prompts)."""
+class Reanchor:
+    """From ``block`` on, the new segment's first block(s) become the attention sink once written (the
+    current sink stays in use until then); bookkeeping only, no forward."""
 
     block: int
-    mode: str
+
+
+def recache_blocks(first_in_flight: int, span_frames: int, frames_per_block: int, sink_blocks: int, mode: str
+                   ) -> tuple[tuple[int, ...], int]:
+    """What a prompt switch re-encodes, LongLive's rule (``_recache_after_switch``) in blocks: the clean
+    blocks in the last ``span_frames`` before the first block still being generated, and how many of
+    them are queries only. Once the history is longer than the span, the oldest re-encoded block(s)
+    map onto the sink: with ``keep_sink`` / ``reanchor`` the sink keeps its old K/V and those blocks are
+    computed but not stored; with ``new_sink`` they become the new sink. An early switch (the history
+    fits in the span) re-encodes everything, the sink too, in every mode (as LongLive does)."""
+    n = min(-(-span_frames // frames_per_block), first_in_flight)
+    blocks = tuple(range(first_in_flight - n, first_in_flight))
+    query_only = sink_blocks if blocks and blocks[0] > 0 and mode != "new_sink" else 0
+    return blocks, min(query_only, len(blocks))
 
 
 @dataclass(frozen=True)
@@ -114,17 +132,20 @@ WINDOWS: dict[str, Callable[..., Iterator[Window]]] = {"rolling": rolling_window
 
 
 def forwards(schedule: str, num_steps: int, num_blocks: int | None, *, writes: str = "every",
-             first_block: int = 0, switches: dict | None = None) -> Iterator[Forward | Recache]:
+             first_block: int = 0, switches: dict | None = None, span_frames: int = 21, frames_per_block: int = 3,
+             sink_blocks: int = 1) -> Iterator[Forward | Reanchor]:
     """Every forward of a run, in order: prefix writes (blocks before ``first_block``), then the
-    schedule's windows with their cache writes placed per ``writes``; ``switches`` maps a block to the
-    recache mode of the prompt segment starting there (a :class:`Recache` item precedes the window
-    in which that block enters; a write due before it is flushed as its own forward first)."""
+    schedule's windows with their cache writes placed per ``writes``. ``switches`` maps a block to the
+    recache mode of the prompt segment starting there: before the window in which that block enters,
+    a write due is flushed as its own forward, then one ``recache`` forward re-encodes the recent clean
+    history (:func:`recache_blocks`; the geometry arguments are the run's config), and from then on
+    the clean writes of blocks still in flight use the new prompt (``text_from``)."""
     if schedule not in WINDOWS:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if writes not in WRITES:
         raise ValueError(f"cache writes must be one of {', '.join(WRITES)}, got {writes!r}")
-    switches = switches or {}
-    n = 0
+    switches = {b: m for b, m in (switches or {}).items() if m != "none"}
+    n, text_from = 0, None
     for b in range(first_block):
         yield Forward(n, "prefix", clean=(b,))
         n += 1
@@ -136,10 +157,17 @@ def forwards(schedule: str, num_steps: int, num_blocks: int | None, *, writes: s
         nxt = next(wins, None)
         entering = [b for b, j in zip(win.blocks, win.steps) if j == 0 and b in switches]
         if pending is not None and (writes != "fused" or entering):
-            yield Forward(n, "update", clean=(pending,))
+            yield Forward(n, "update", clean=(pending,), text_from=_text(text_from, pending))
             n, pending = n + 1, None
         for b in entering:
-            yield Recache(b, switches[b])
+            blocks, qo = recache_blocks(win.blocks[0] if schedule == "rolling" else b, span_frames, frames_per_block,
+                                        sink_blocks, switches[b])
+            if blocks:
+                yield Forward(n, "recache", clean=blocks, text_from=b, recache=switches[b], query_only=qo)
+                n += 1
+            if switches[b] == "reanchor":
+                yield Reanchor(b)
+            text_from = b
         due = win.write
         if due is not None and writes != "every" and (nxt is None or due in nxt.blocks):
             due = None  # overwritten by the next window before anything reads it
@@ -147,9 +175,14 @@ def forwards(schedule: str, num_steps: int, num_blocks: int | None, *, writes: s
         yield Forward(n, "fused" if clean else "window", win.index, clean, win.blocks, win.steps,
                       tuple((b, j + 1) for b, j in zip(win.blocks, win.steps) if j < T - 1),
                       tuple(b for b, j in zip(win.blocks, win.steps) if j == T - 1),
-                      (due,) if due is not None else ())
+                      (due,) if due is not None else (), _text(text_from, pending) if clean else None)
         n, pending = n + 1, due
         if pending is not None and (writes != "fused" or nxt is None):
-            yield Forward(n, "update", win.index, clean=(pending,))
+            yield Forward(n, "update", win.index, clean=(pending,), text_from=_text(text_from, pending))
             n, pending = n + 1, None
         win = nxt
+
+
+def _text(switch: int | None, block: int) -> int | None:
+    """The prompt a clean write of ``block`` uses: the last re-encoding switch's, if the block precedes it."""
+    return switch if switch is not None and block < switch else None

@@ -22,7 +22,7 @@ from .flow import FlowSchedule
 from .forward import TextContext, TimeEmbedder, WanArch, forward
 from .loading import load_model
 from .noise import TensorNoise
-from .schedule import Forward
+from .schedule import Forward, recache_blocks
 
 
 @dataclass
@@ -59,6 +59,42 @@ class Trace:
         """Tensor ``name`` of call i, channel-first [B, C, F, H, W]."""
         return self.tensors[f"call{i:04d}.{name}"].permute(0, 2, 1, 3, 4)
 
+    def context(self, prompt: int = 0) -> torch.Tensor:
+        """The text context of prompt ``prompt`` (traces with prompt switches hold ``context0``, ``context1``...)."""
+        return self.tensors.get(f"context{prompt}", self.tensors["context"])
+
+    def prompts(self):
+        """The run's prompts as a PromptSchedule: a segment from each block where the prompt changed
+        (re-encoding at the switch, in the trace's sink mode), or the single context."""
+        from .prompts import PromptSchedule, PromptSegment
+        fb, segs = self.rolling_config.frames_per_block, []
+        for c in self.calls:
+            p = c.get("prompt", 0)
+            if not c["updating_cache"] and (not segs or segs[-1][1] != p):
+                segs.append((c["start_frame"] // fb, p))
+        return PromptSchedule([PromptSegment(b, self.context(p), recache="none" if i == 0 else self.recache_mode)
+                               for i, (b, p) in enumerate(segs)])
+
+    @property
+    def recache_mode(self) -> str:
+        """The sink mode of a prompt-switching trace's re-encodes (LongLive's ``global_sink``)."""
+        return "keep_sink" if self.meta.get("global_sink", True) else "new_sink"
+
+    def forward_of(self, c: dict) -> Forward:
+        """The forward plan of a recorded call."""
+        fb = self.rolling_config.frames_per_block
+        first = c["start_frame"] // fb
+        blocks = tuple(range(first, first + c["num_frames"] // fb))
+        if c.get("kind") == "recache":
+            rc = self.rolling_config
+            expect, qo = recache_blocks(blocks[-1] + 1, rc.span_frames, fb, rc.sink_blocks, self.recache_mode)
+            if expect != blocks:
+                raise ValueError(f"call {c['index']}: the trace re-encodes blocks {blocks}, the rule gives {expect}")
+            return Forward(c["index"], "recache", clean=blocks, recache=self.recache_mode, query_only=qo)
+        if c["updating_cache"]:
+            return Forward(c["index"], "update", clean=blocks)
+        return Forward(c["index"], "window", blocks=blocks, steps=(0,) * len(blocks))
+
     @property
     def latent_hw(self) -> tuple[int, int]:
         shape = self.meta["latent_shape"]
@@ -92,7 +128,7 @@ def replay_calls(tr: Trace, rope_mode: str = "reference") -> dict:
     b = tr.meta["latent_shape"][0]
     cache = RollingKVCache(rc, num_layers=arch.num_layers, num_heads=arch.num_heads, head_dim=arch.head_dim,
                            batch=b, grid=(h // arch.patch_size[1], w // arch.patch_size[2]), device="cpu", dtype=dtype)
-    text = TextContext(model, tr.tensors["context"], dtype=dtype, device="cpu")
+    texts = {}
     time = TimeEmbedder(model, dtype=dtype, device="cpu")
     sched = FlowSchedule(rc.shift)
     fb = rc.frames_per_block
@@ -101,17 +137,17 @@ def replay_calls(tr: Trace, rope_mode: str = "reference") -> dict:
     for c in tr.calls:
         i = c["index"]
         x = tr.x(i, "x").to(dtype)
-        first = c["start_frame"] // fb
-        blocks = tuple(range(first, first + c["num_frames"] // fb))
-        fwd = Forward(i, "update", clean=blocks) if c["updating_cache"] else Forward(i, "window", blocks=blocks,
-                                                                                     steps=(0,) * len(blocks))
-        plan = cache.plan(fwd)
-        v = forward(model, arch, x, c["timesteps"], plan, cache, [(0, c["num_frames"], text)], time, sdpa_attention)
+        p = c.get("prompt", 0)
+        if p not in texts:
+            texts[p] = TextContext(model, tr.context(p), dtype=dtype, device="cpu")
+        plan = cache.plan(tr.forward_of(c))
+        ts = c.get("timesteps") or [float(tr.meta.get("context_noise", 0))] * c["num_frames"]
+        v = forward(model, arch, x, ts, plan, cache, [(0, c["num_frames"], texts[p])], time, sdpa_attention)
         cache.commit(plan)
         ev = (v.float() - tr.x(i, "v").float()).abs().max().item()
         ex = None
         if not c["updating_cache"]:
-            sig = torch.tensor([sched.sigma(t) for t in c["timesteps"]]).view(1, 1, -1, 1, 1)
+            sig = torch.tensor([sched.sigma(t) for t in ts]).view(1, 1, -1, 1, 1)
             ex = (x.float() - sig * v.float() - tr.x(i, "x0").float()).abs().max().item()
             worst_x0 = max(worst_x0, ex)
         worst_v = max(worst_v, ev)
@@ -127,6 +163,12 @@ def recover_noise(tr: Trace) -> TensorNoise:
     recorded = {k: v for k, v in tr.tensors.items() if k.startswith("renoise.b")}
     if recorded:
         draws = {(int(k[9:13]), int(k.split(".s")[1])): v.permute(0, 2, 1, 3, 4) for k, v in recorded.items()}
+        return TensorNoise(tr.tensors["noise"].permute(0, 2, 1, 3, 4), draws, rc.frames_per_block)
+    sequential = sorted(k for k in tr.tensors if k.startswith("draw"))  # [B*fb, C, H, W], block then step order
+    if sequential:
+        per = rc.num_steps - 1
+        draws = {(d // per, d % per + 1): tr.tensors[k].unsqueeze(0).permute(0, 2, 1, 3, 4)
+                 for d, k in enumerate(sequential)}
         return TensorNoise(tr.tensors["noise"].permute(0, 2, 1, 3, 4), draws, rc.frames_per_block)
     sched = FlowSchedule(rc.shift)
     fb = rc.frames_per_block

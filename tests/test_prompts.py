@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from rolling.config import RollingConfig
-from rolling.prompts import PromptSchedule, PromptSegment, TimedPrompt, parse_prompt_lines, schedule_from_times
+from rolling.prompts import (PromptSchedule, PromptSegment, StoryItem, TimedPrompt, check_options, parse_clock,
+                             parse_prompt_lines, parse_story, schedule_from_times)
 from rolling.timing import Timeline
 from rolling.sampler import RollingSampler
 
@@ -62,56 +63,106 @@ def test_blend_moves_block_by_block(tiny_model):
     assert {(0,), (1, 0.25), (1, 0.5), (1, 0.75), (1,)} <= keys
 
 
-def _cache_after(model, sched, stop_block):
-    s = _sampler(model)
-    for blk in s.stream(sched, 14):
-        if blk.index == stop_block:
-            break
-    return s
+def _reads(model, sched, num_blocks, **cfg):
+    """Run a schedule; per denoising forward, what its denoising queries read from the KV cache:
+    {window: [(block, prompt key it was encoded under), ...]}, and the forwards themselves."""
+    from rolling.cache import OWN
+    s = _sampler(model, **cfg)
+    plans, fwds = [], []
+    orig = s._run
+
+    def run(st, fwd, sources):
+        out = orig(st, fwd, sources)
+        plans.append(out["plan"])
+        fwds.append(fwd)
+        return out
+    s._run = run
+    s.generate(sched, num_blocks)
+    reads = {}
+    for fwd, plan in zip(fwds, plans):
+        if not fwd.blocks:
+            continue
+        g = plan.groups[-1]
+        got = []
+        for src in g.sources:
+            if src.block == OWN:
+                if src.f0 < len(fwd.clean) * 3:  # a clean block written in this (fused) forward
+                    got.append((fwd.clean[0], plan.book.tag(fwd.clean[0])))
+            else:
+                got.append((src.block, plan.book.tag(src.block)))
+        reads[fwd.window] = got
+    return reads, fwds
 
 
-@pytest.mark.parametrize("mode", ["keep_sink", "reanchor"])
-def test_recache_rewrites_exactly_the_cached_blocks(tiny_model, mode):
+@pytest.mark.parametrize("mode", ["keep_sink", "new_sink", "reanchor"])
+@pytest.mark.parametrize("update", ["reference", "fused"])
+def test_every_window_after_a_switch_reads_the_new_prompt(tiny_model, mode, update):
+    """After a re-encoding switch at block 14 (late: the clean history is longer than the span), every
+    cached block a window reads was encoded under the new prompt, except the sink, which keeps the old
+    prompt (keep_sink; reanchor until block 14 is finished), or is the oldest re-encoded block (new_sink)."""
     A, B = _ctx(1), _ctx(2)
-    switch = 9
-    cut = PromptSchedule([PromptSegment(0, A), PromptSegment(switch, B)])
-    rec = PromptSchedule([PromptSegment(0, A), PromptSegment(switch, B, recache=mode)])
+    switch = 14
+    sched = PromptSchedule([PromptSegment(0, A), PromptSegment(switch, B, recache=mode)])
+    reads, fwds = _reads(tiny_model, sched, 22, update_mode=update)
+    rec = [f for f in fwds if f.kind == "recache"]
+    # window 14 holds blocks 10..14: blocks 0..9 are clean; the last span (21 frames = 7 blocks) is re-encoded
+    assert len(rec) == 1 and rec[0].clean == (3, 4, 5, 6, 7, 8, 9)
+    assert rec[0].query_only == (0 if mode == "new_sink" else 1)
+    for w, got in reads.items():
+        if w < switch:
+            assert all(tag == (0,) for _, tag in got), (w, got)  # before the switch: the old prompt only
+            continue
+        sink, rest = got[0], got[1:]
+        assert all(tag == (1,) for _, tag in rest), (w, got)  # every non-sink read: the new prompt
+        if mode == "new_sink":
+            assert sink == (3, (1,)), (w, got)  # the oldest re-encoded block is the sink
+        elif mode == "reanchor" and w > switch + 4:  # block 14 finished at window 18, written after it
+            assert sink == (switch, (1,)), (w, got)
+        else:
+            assert sink == (0, (0,)), (w, got)  # the sink kept its old K/V
+    # blocks in flight at the switch (10..13) are cached under the new prompt when they finish
+    late = [f for f in fwds if f.clean and f.kind != "recache" and 10 <= f.clean[0] < switch]
+    assert late and all(f.text_from == switch for f in late)
+
+
+def test_early_switch_rewrites_the_sink_in_every_mode(tiny_model):
+    """Switch at block 6 (window 6 holds blocks 2..6): the clean history (blocks 0, 1) fits in the span,
+    so it is all re-encoded, the sink too (as LongLive does when the history fits its window)."""
+    A, B = _ctx(1), _ctx(2)
+    for mode in ("keep_sink", "new_sink"):
+        reads, fwds = _reads(tiny_model, PromptSchedule([PromptSegment(0, A), PromptSegment(6, B, recache=mode)]), 12)
+        assert [f.clean for f in fwds if f.kind == "recache"] == [(0, 1)]
+        assert all(tag == (1,) for w, got in reads.items() if w >= 6 for _, tag in got), reads
+
+
+def test_window_applies_the_new_prompt_to_blocks_in_flight(tiny_model):
+    A, B = _ctx(1), _ctx(2)
     calls = []
-    s = _sampler(tiny_model, calls)
-    it = s.stream(rec, 14)
-    # window 9 is where block 9 enters; blocks 0..4 are finished before it (yielded at windows 4..8)
-    for blk in it:
-        if blk.index == 4:
-            break
-    ref = _cache_after(tiny_model, cut, 4)
-    # block 4's clean-cache pass is still pending here (it runs before window 9, then the recache)
-    assert s.cache.cached_blocks() == ref.cache.cached_blocks() == [0, 1, 2, 3]
-    k_before = s.cache.ring_k.clone(), s.cache.sink_k.clone()
-    next(it)  # runs the recache, then windows 9..
-    recs = [c for c in calls if c.kind == "recache"]
-    expect = [1, 2, 3, 4] if mode in ("keep_sink", "reanchor") else []
-    assert [c.start_frame // 3 for c in recs] == expect
-    assert all(c.text == ((1,),) for c in recs)  # re-encoded under the new prompt
-    # the sink is untouched by the recache itself
-    assert torch.equal(s.cache.sink_k, k_before[1])
-    if mode == "reanchor":
-        for blk in it:
-            if blk.index == switch:  # the new segment's first block is finished -> becomes the sink
-                break
-        next(it)  # its clean-cache pass runs before the next window
-        assert s.cache.book.sink == (switch,) and s.cache.cached_blocks()[0] == switch
-        assert all(b > switch or b == switch for b in s.cache.cached_blocks())
-        assert not torch.equal(s.cache.sink_k, k_before[1])
-    else:
-        for blk in it:
-            pass
-        assert s.cache.book.sink == (0,)
+    sched = PromptSchedule([PromptSegment(0, A), PromptSegment(9, B, applies="window")])
+    _sampler(tiny_model, calls).generate(sched, 12)
+    den = [c for c in calls if c.kind == "denoise"]
+    w8, w9 = den[8], den[9]  # window 8 (blocks 4..8) is before the switch, window 9 (blocks 5..9) after
+    assert w8.text == ((0,),) * 5 and w9.text == ((1,),) * 5
+    entering = []
+    _sampler(tiny_model, entering).generate(PromptSchedule([PromptSegment(0, A), PromptSegment(9, B)]), 12)
+    assert [c for c in entering if c.kind == "denoise"][9].text == ((0,),) * 4 + ((1,),)
+
+
+def test_blend_with_recache_reencodes_under_the_new_prompt(tiny_model):
+    """The re-encode at a blended switch uses the new prompt itself, not the blend's first weight."""
+    A, B = _ctx(1), _ctx(2)
+    calls = []
+    sched = PromptSchedule([PromptSegment(0, A), PromptSegment(9, B, "blend", 3, recache="keep_sink")])
+    _sampler(tiny_model, calls).generate(sched, 14)
+    rec = [c for c in calls if c.kind == "recache"]
+    assert rec and all(k == (1,) for c in rec for k in c.text)
+    assert {(1, 0.25), (1, 0.5), (1, 0.75)} <= {k for c in calls if c.kind == "denoise" for k in c.text}
 
 
 def test_recache_changes_outputs_only_after_the_switch(tiny_model):
     A, B = _ctx(1), _ctx(2)
     cut = _sampler(tiny_model).generate(PromptSchedule([PromptSegment(0, A), PromptSegment(9, B)]), 14)
-    for mode in ("keep_sink", "reanchor"):
+    for mode in ("keep_sink", "new_sink", "reanchor"):
         rec = _sampler(tiny_model).generate(PromptSchedule([PromptSegment(0, A), PromptSegment(9, B, recache=mode)]), 14)
         # blocks finished before window 9 (0..4) are identical; later ones differ
         assert torch.equal(rec[:, :, :15], cut[:, :, :15])
@@ -141,6 +192,96 @@ def test_parse_prompt_lines():
 def test_parse_errors_name_the_line(text, msg):
     with pytest.raises(ValueError, match=msg):
         parse_prompt_lines(text)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("0\uff1a00 a\n0\uff1a20 b", [(0.0, "a", 1), (20.0, "b", 2)]),  # full-width colons
+    ("\uff10:\uff10\uff10 a\n\uff10:\uff12\uff10 b", [(0.0, "a", 1), (20.0, "b", 2)]),  # full-width digits
+    ("0:00 a\n0\u223630 b\n0\ufe5540 c", [(0.0, "a", 1), (30.0, "b", 2), (40.0, "c", 3)]),  # ratio, small colon
+    ("0 a\n20\uff0e5\uff53 \u2013 b\n0:30\u3000c", [(0.0, "a", 1), (20.5, "b", 2), (30.0, "c", 3)]),
+    ("0:00 a\n1:00:00 b\n1:02:03.5 c", [(0.0, "a", 1), (3600.0, "b", 2), (3723.5, "c", 3)]),  # h:mm:ss
+    ("0:00 a\n0:20: b\n0:30 | c\n40 - d", [(0.0, "a", 1), (20.0, "b", 2), (30.0, "c", 3), (40.0, "d", 4)]),
+])
+def test_parse_times_unicode_and_hours(text, expect):
+    assert parse_prompt_lines(text)[0] == expect
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("0:00 a\n1:00:60 b", "line 2: start time '1:00:60' has 60 seconds"),
+    ("0:00 a\n1:60:00 b", "line 2: start time '1:60:00' has 60 minutes"),
+    ("0:00 a\n1:2:3:4 b", "line 2: start time '1:2:3:4' is not a time"),
+    ("0:00 a\n20x b", "line 2: '20x' is not a time"),
+    ("0:00 a\n20,5 b", "line 2: '20,' is not a time"),
+    ("0:00 a\n1.5.5 b", "line 2: start time '1.5.5' is not a time"),
+    ("0 a\n999999999999:00 b", "line 2: start time .* is more than 100 hours"),
+    ("nan a", "line 1: 'nan a' does not start with a time"),
+    ("0 a\ninf b", "line 2: 'inf b' does not start with a time"),
+])
+def test_parse_time_errors_name_the_line(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_prompt_lines(text)
+
+
+def test_timed_syntax_durations_add_up_and_hash_is_a_cut():
+    items, warns = parse_story("a red circle[5s] | a blue square[10s#] | a green\n  triangle[2.5s] | the end")
+    assert items == [StoryItem(0.0, "a red circle", 1, 1, False, 5.0), StoryItem(5.0, "a blue square", 1, 2, True, 10.0),
+                     StoryItem(15.0, "a green triangle", 1, 3, False, 2.5), StoryItem(17.5, "the end", 2, 4, False, None)]
+    assert not warns and items[1].source == "line 1, segment 2"
+    # the 3-tuple interface reads the same story
+    assert parse_prompt_lines("a[5s] | b[10s#]")[0] == [(0.0, "a", 1), (5.0, "b", 1)]
+    # exact sums (0.1 + 0.2 is 0.3 here), m:ss durations, full-width brackets/bar, comments, line numbers
+    items, _ = parse_story("# story\na[0.1s] |\nb[0.2s] \uff5c c\uff3b1:00#\uff3d | d")
+    assert [(i.start, i.prompt, i.line, i.cut) for i in items] == [(0.0, "a", 2, False), (0.1, "b", 3, False),
+                                                                  (0.3, "c", 3, True), (60.3, "d", 3, False)]
+    # Infinity-RoPE's subtitle list after ';' is ignored, with a warning
+    with pytest.warns(UserWarning, match="subtitles after ';' are ignored"):
+        items, warns = parse_story("a[10s] | b[10s#] ; sub 1 | sub 2")
+    assert [i.prompt for i in items] == ["a", "b"] and len(warns) == 1
+    # beyond the video: dropped with a warning naming the segment
+    with pytest.warns(UserWarning, match="line 1, segment 3: time 20 s is at or beyond"):
+        items, _ = parse_story("a[10s] | b[10s] | c", video_seconds=15)
+    assert [i.prompt for i in items] == ["a", "b"]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("a[5s] | b | c[2s]", "line 1, segment 2: 'b' has no duration"),
+    ("a[5s] b", "line 1, segment 1: text 'b' after the duration marker"),
+    ("[5s] | b", "line 1, segment 1: the prompt before '\\[5s\\]' is empty"),
+    ("a[0s] | b", "line 1, segment 1: duration '\\[0s\\]' must be more than 0"),
+    ("a[5s@] | b", "'@' .* is not supported"),
+    ("a[5s][3s] | b", "two duration markers"),
+    ("a[5s] |\n\n| b", "line 1, segment 2: empty segment"),
+    ("a[5s] | b[1:75]", "line 1, segment 2: duration '1:75' has 75 seconds"),
+    ("0:00 a[5s] | b", "line 1, segment 1: '0:00 a' starts with a time, but the story uses duration markers"),
+])
+def test_timed_syntax_errors_name_line_and_segment(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_story(text)
+
+
+def test_parse_clock():
+    assert parse_clock("1:00:00") == 3600 and parse_clock("0:20") == 20 and parse_clock("20.5s") == 20.5
+    assert parse_clock(" 0\uff1a05 ") == 5 and parse_clock("1:05.25") == 65.25
+    for bad in ("", "-3", "nan", "inf", "1e3", "1:", ":5", "0x10", "1:2:3:4"):
+        with pytest.raises(ValueError, match="time"):
+            parse_clock(bad)
+
+
+@pytest.mark.parametrize("blend,ok", [(0, True), (2.5, True), (600, True), (600.5, False), (1e9, False),
+                                      (-1, False), (float("nan"), False), (float("inf"), False), (True, False),
+                                      ("2", False), (None, False)])
+def test_blend_seconds_range(blend, ok):
+    if ok:
+        check_options("blend", blend, "none")
+        return
+    with pytest.raises(ValueError, match=r"blend_seconds must be a number of seconds from 0 to 600, got"):
+        check_options("blend", blend, "none")
+
+
+@pytest.mark.parametrize("start", [float("nan"), float("inf"), -1.0, 1e12, "5", None, True])
+def test_timed_prompt_refuses_bad_start_times(start):
+    with pytest.raises(ValueError, match="segment 2: start time must be a number of seconds from 0 to"):
+        TimedPrompt(start, _ctx(1), "b", source="segment 2")
 
 
 def test_schedule_from_times_and_errors():

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from rolling.cache import OWN, RollingKVCache
 from rolling.config import RollingConfig, parse_steps, validate_steps
 from rolling.flow import FlowSchedule
-from rolling.schedule import SCHEDULES, WRITES, Forward, Recache, chunk_windows, forwards, rolling_windows
+from rolling.schedule import SCHEDULES, WRITES, Forward, Reanchor, chunk_windows, forwards, recache_blocks, rolling_windows
 from rolling.timing import Timeline, pixel_frames
 
 RUNS = st.tuples(st.sampled_from(SCHEDULES), st.integers(1, 5), st.integers(1, 10), st.sampled_from(WRITES),
@@ -45,35 +45,41 @@ def test_every_block_is_denoised_once_per_step_in_order(run):
 
 
 def _replay(schedule, T, nb, writes, first=0, switches=None):
-    """Run the plans through a real (tiny, CPU) KV cache: per forward, what each group reads, resolved to
-    (block, frame, position); and per stored block, the step of the x0 its cache entry was written from."""
+    """Run the plans through a real (tiny, CPU) KV cache: per denoising forward, what it reads, resolved to
+    (block, frame, position, the step of the x0 that the *slot* read was written from), and the sink."""
     cfg = RollingConfig(steps=tuple(range(1000, 1000 - 100 * T, -100)), schedule=schedule,
                         update_mode="fused" if writes == "fused" else "reference")
     cache = RollingKVCache(cfg, num_layers=1, num_heads=1, head_dim=6, batch=1, grid=(1, 1), device="cpu",
                            dtype=torch.float32)
-    kept, written_from, reads = {b: "prefix" for b in range(first)}, {}, []
-    for f in forwards(schedule, T, nb, writes=writes, first_block=first, switches=switches):
-        if isinstance(f, Recache):
+    fb = cfg.frames_per_block
+    kept, clean_src, slot_src, reads = {b: "prefix" for b in range(first)}, {}, {}, []
+    for f in forwards(schedule, T, nb, writes=writes, first_block=first, switches=switches,
+                      span_frames=cfg.span_frames, sink_blocks=cfg.sink_blocks):
+        if isinstance(f, Reanchor):
+            cache.commit(cache.reanchored(f.block))
             continue
         plan = cache.plan(f)
-        inputs = list(f.clean) + list(f.blocks)
+        src_of = {b: clean_src[b] if f.kind == "recache" else kept[b] for b in f.clean}
         for g in plan.groups:
             window = []
             for s in g.sources:
-                if s.block == OWN:
-                    for i in range(s.f0, s.f1):
-                        blk = inputs[i // cfg.frames_per_block]
-                        if i >= len(f.clean) * cfg.frames_per_block:
+                for i in range(s.f0, s.f1):
+                    if s.block == OWN:
+                        if i >= len(f.clean) * fb:
                             continue  # the forward's own noisy frames
-                        window.append((blk, i % cfg.frames_per_block, s.pos + i - s.f0, kept[blk]))
-                else:
-                    for i in range(s.f0, s.f1):
-                        window.append((s.block, i, s.pos + i - s.f0, written_from[s.block]))
-            if g.q0 >= len(f.clean) * cfg.frames_per_block:
-                reads.append((f.window, sorted(window)))
+                        blk, src = f.clean[i // fb], src_of[f.clean[i // fb]]
+                    else:
+                        blk = s.block
+                        slot = ("sink", plan.book.sink.index(blk)) if s.sink else ("ring", plan.book.ring_slot(blk))
+                        src = slot_src[slot]
+                    window.append((blk, i % fb, s.pos + i - s.f0, src))
+            if g.q0 >= len(f.clean) * fb and f.kind != "recache":
+                reads.append((f.window, sorted(window), plan.book.sink))
         cache.commit(plan)
+        for b, _, where, slot in plan.writes:
+            slot_src[(where, slot)] = clean_src[b] = src_of[b]
         for b in f.clean:
-            written_from[b] = kept.pop(b)
+            kept.pop(b, None)
         for b, j in zip(f.blocks, f.steps):
             if b in f.keep:
                 kept[b] = j
@@ -87,8 +93,25 @@ def test_denoising_reads_see_only_finished_clean_blocks(run):
     schedule, T, nb, writes, first = run
     first = min(first, nb - 1)
     reads, _ = _replay(schedule, T, nb, writes, first)
-    for _, keys in reads:
+    for _, keys, _ in reads:
         assert all(src in ("prefix", T - 1) for *_, src in keys), keys
+
+
+@pytest.mark.parametrize("switch", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("writes", WRITES)
+@pytest.mark.parametrize("mode", ["reanchor", "keep_sink", "new_sink"])
+def test_recache_and_reanchor_at_every_early_block(switch, writes, mode):
+    """A re-encoding switch at blocks 1..6 (inside the first windows, where block 0 is still rewritten
+    by ramp-up passes): every read still sees finished clean blocks only; with reanchor the sink is the
+    new segment's first block from the window after its clean write on (before, block 0, finished)."""
+    T, nb = 5, 14
+    reads, _ = _replay("rolling", T, nb, writes, switches={switch: mode})
+    for w, keys, sink in reads:
+        assert all(src in ("prefix", T - 1) for *_, src in keys), (w, keys)
+        if mode == "reanchor" and w > switch + T - 1:
+            assert sink == (switch,), (w, sink)
+        elif mode != "new_sink":
+            assert sink in ((0,), (-1,)), (w, sink)
 
 
 @settings(max_examples=60, deadline=None)
@@ -96,8 +119,12 @@ def test_denoising_reads_see_only_finished_clean_blocks(run):
 def test_all_write_placements_read_the_same_keys(schedule, T, nb, first):
     """fused / needed / every: different forwards, the same keys (block, frame, position) for every window."""
     first = min(first, nb - 1)
-    runs = [_replay(schedule, T, nb, w, first)[0] for w in WRITES]
+    def keys(*a, **kw):
+        return [(w, k) for w, k, _ in _replay(*a, **kw)[0]]
+    runs = [keys(schedule, T, nb, w, first) for w in WRITES]
     assert runs[0] == runs[1] == runs[2]
+    switched = [keys(schedule, T, nb + 6, w, first, switches={first + 3: "keep_sink"}) for w in WRITES]
+    assert switched[0] == switched[1] == switched[2]
 
 
 def test_reference_schedules_count_the_published_forwards():
@@ -122,12 +149,28 @@ def test_windows_closed_form_and_streams():
         ((2,), (1,), None), ((2,), (2,), None), ((2,), (3,), 2)]
 
 
-def test_recache_items_come_before_the_switch_window():
+def test_recache_comes_before_the_switch_window_and_in_flight_blocks_follow_the_new_prompt():
     items = list(forwards("rolling", 5, 10, writes="fused", switches={6: "keep_sink"}))
-    i = next(n for n, it in enumerate(items) if isinstance(it, Recache))
-    assert items[i] == Recache(6, "keep_sink")
-    assert items[i - 1].kind == "update"  # the due write is flushed first, even when fused
+    i = next(n for n, it in enumerate(items) if isinstance(it, Forward) and it.kind == "recache")
+    # window 6 holds blocks 2..6: blocks 0, 1 are clean; both are re-encoded (the sink too: an early switch)
+    assert items[i].clean == (0, 1) and items[i].query_only == 0 and items[i].text_from == 6
+    assert items[i - 1].kind == "update" and items[i - 1].clean == (1,)  # the due write is flushed first
     assert 6 in items[i + 1].fresh
+    later = [f for f in items[i + 1:] if f.clean]
+    assert [f.text_from for f in later if f.clean[0] < 6] == [6, 6, 6, 6]  # blocks 2..5 cached under the new prompt
+    assert all(f.text_from is None for f in later if f.clean[0] >= 6)
+    assert isinstance(list(forwards("rolling", 5, 20, switches={12: "reanchor"}))[13], (Forward, Reanchor))
+    assert any(isinstance(it, Reanchor) and it.block == 12 for it in forwards("rolling", 5, 20, switches={12: "reanchor"}))
+
+
+@pytest.mark.parametrize("first, expect", [
+    (0, ((), 0)), (1, ((0,), 0)), (4, ((0, 1, 2, 3), 0)),  # early: everything, the sink too
+    (5, ((1, 2, 3, 4), 1)), (9, ((5, 6, 7, 8), 1)),  # late: the oldest maps onto the kept sink, query only
+])
+def test_recache_blocks_is_longlives_rule(first, expect):
+    """LongLive (span 12 frames = 4 blocks, sink 3 frames): n = min(span, s) frames before the switch."""
+    assert recache_blocks(first, 12, 3, 1, "keep_sink") == expect
+    assert recache_blocks(first, 12, 3, 1, "new_sink") == (expect[0], 0)
 
 
 def test_warped_reference_steps():

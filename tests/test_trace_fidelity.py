@@ -129,3 +129,29 @@ def test_self_forcing_traces(name, mode):
         assert all(c.timesteps == pytest.approx(t["timesteps"], abs=1e-4) for c, t in zip(calls, tr.calls))
     else:  # the last block's clean pass is never read; the others ride in the next block's first forward
         assert s.forwards == len(tr.calls) - tr.meta["num_blocks"]
+
+
+LONGLIVE = ["gsink_late", "nosink_late", "gsink_early", "nosink_early", "gsink_edge"]
+
+
+@pytest.mark.parametrize("name", LONGLIVE)
+@pytest.mark.parametrize("mode", ["reference", "fused"])
+def test_longlive_prompt_switch_traces(name, mode):
+    """LongLive 1.0's interactive pipeline (prompt switches with its re-encode of the recent history, both
+    sink modes, early and edge switches): every call, including the re-encode, and the run end to end."""
+    from rolling.trace import load_trace
+    tr = load_trace(str(EXTRA / "longlive" / name))
+    calls = []
+    h, w = tr.latent_hw
+    s = RollingSampler(tr.model, tr.rolling_config.with_(update_mode=mode), height=h, width=w, dtype=torch.float32,
+                       device="cpu", noise=recover_noise(tr), on_call=calls.append)
+    out = s.generate(tr.prompts(), tr.meta["latent_shape"][1] // 3)
+    assert (out - tr.tensors["latents"].permute(0, 2, 1, 3, 4)).abs().max().item() < TOL
+    recaches = [c for c in tr.calls if c["kind"] == "recache"]
+    assert [(c.start_frame, c.num_frames) for c in calls if c.kind == "recache"] == \
+        [(c["start_frame"], c["num_frames"]) for c in recaches]
+    if mode == "reference":
+        res = replay_calls(tr)
+        assert res["v"] < TOL and res["x0"] < TOL, res
+        assert [(c.start_frame, c.num_frames, c.updating_cache) for c in calls] == \
+            [(c["start_frame"], c["num_frames"], c["updating_cache"]) for c in tr.calls]
