@@ -160,7 +160,9 @@ class SamplerRun:
         try:
             decoder = StreamingVAEDecoder(self.vae) if self.vae is not None else None
             stream = sampler.stream(self.prompt, self.length.blocks + skip, prefix=self.prefix)
-            collect(stream, out, first_block=skip, to_output=fmt.process_out, decoder=decoder, on_block=on_block)
+            # on a GPU the VAE decodes block n on its own stream while the DiT samples block n + 1
+            collect(stream, out, first_block=skip, to_output=fmt.process_out, decoder=decoder, on_block=on_block,
+                    overlap=torch.device(self.model.load_device).type == "cuda")
             return out.result()
         except BaseException as e:
             # drop what the traceback would keep alive until ComfyUI is done with it (KV cache, activations)

@@ -11,6 +11,10 @@ Shapes: latents [B, C, frames_per_block, h, w] per block; frames [B, T, H, W, 3]
 """
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+import time
 from collections import deque
 from typing import Callable, Iterator
 
@@ -74,20 +78,112 @@ class RunOutputs:
         self.latents = self.frames = None
 
 
+class BackgroundDecoder:
+    """Runs a streaming decoder (and the frames' hand-off to ``out``) on a worker thread, so decoding
+    block n overlaps sampling block n + 1; on CUDA the worker uses its own stream and waits for the
+    sampler's work on each block first. At most ``depth`` blocks wait; an error in the worker is raised
+    in the caller at the next ``decode``/``flush``. ``decode`` returns the frames decoded so far that
+    the caller has not seen yet (for previews), possibly none. ``stats``: seconds spent decoding."""
+
+    def __init__(self, decoder, out: RunOutputs, depth: int = 2):
+        self.decoder, self.out = decoder, out
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._done: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self.decode_s = 0.0
+        self._stream = None
+        self._thread = threading.Thread(target=self._work, name="rolling-decode", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        ctx = None
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            raw, event = item
+            try:
+                if self._error is not None:
+                    continue
+                if event is not None:
+                    if self._stream is None:
+                        self._stream = torch.cuda.Stream(raw.device)
+                    ctx = torch.cuda.stream(self._stream)
+                    self._stream.wait_event(event)
+                t0 = time.perf_counter()
+                with ctx if ctx is not None else contextlib.nullcontext():
+                    frames = self.decoder.decode(raw) if raw is not None else self.decoder.flush()
+                    self.out.add_frames(frames)
+                if self._stream is not None:
+                    self._stream.synchronize()
+                self.decode_s += time.perf_counter() - t0
+                self._done.put(frames)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _put(self, raw) -> None:
+        event = None
+        if raw is not None and raw.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        while True:
+            self._raise()
+            try:
+                self._q.put((raw, event), timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def decode(self, raw: torch.Tensor):
+        self._put(raw)
+        latest = None
+        while not self._done.empty():
+            latest = self._done.get_nowait()
+        return latest
+
+    def flush(self) -> None:
+        """Decode what is left (the held-back frames too) and wait for the worker."""
+        self._put(None)
+        self.close()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+
 def collect(blocks: Iterator, out: RunOutputs, *, first_block: int = 0,
             to_output: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, decoder=None,
-            on_block: Callable | None = None) -> RunOutputs:
+            on_block: Callable | None = None, overlap: bool = False) -> RunOutputs:
     """Run a stream of finished blocks into ``out``. ``to_output`` converts a block's latents (e.g. to a
     host's latent convention); ``decoder`` has ``decode(latents) -> frames`` and ``flush() -> frames``;
-    ``on_block(block, frames or None)`` is called after each block (progress, preview; raise to stop)."""
-    for blk in blocks:
-        raw = to_output(blk.latents.float())
-        out.add_latents(blk.index - first_block, raw)
-        frames = decoder.decode(raw) if decoder is not None else None
-        if frames is not None:
-            out.add_frames(frames)
-        if on_block is not None:
-            on_block(blk, frames)
-    if decoder is not None:  # latent frames the decoder held back for its chunking
-        out.add_frames(decoder.flush())
+    ``on_block(block, frames or None)`` is called after each block (progress, preview; raise to stop).
+    With ``overlap`` the decoder runs on a worker thread (:class:`BackgroundDecoder`): the frames given
+    to ``on_block`` are then the newest decoded so far (often the previous block's), or None."""
+    worker = BackgroundDecoder(decoder, out) if decoder is not None and overlap else None
+    try:
+        for blk in blocks:
+            raw = to_output(blk.latents.float())
+            out.add_latents(blk.index - first_block, raw)
+            frames = None
+            if worker is not None:
+                frames = worker.decode(raw)
+            elif decoder is not None:
+                frames = decoder.decode(raw)
+                out.add_frames(frames)
+            if on_block is not None:
+                on_block(blk, frames)
+        if worker is not None:
+            worker.flush()
+            out.decode_s = worker.decode_s
+        elif decoder is not None:  # latent frames the decoder held back for its chunking
+            out.add_frames(decoder.flush())
+    finally:
+        if worker is not None:
+            worker.close()
     return out
