@@ -25,7 +25,7 @@ CACHE_LIMITS = {"sink_blocks": (0, 64), "span_frames": (3, 4096), "capacity_fram
                 "context_noise": (0.0, 999.0)}
 
 
-def cache_config(sink_blocks=1, span_frames=21, capacity_frames=24, context_noise=0.0, update_mode="reference",
+def cache_config(sink_blocks=1, span_frames=21, capacity_frames=24, context_noise=0.0, update_mode="fused",
                  rope_mode="reference", schedule="rolling") -> RollingConfig:
     """The cache node's values as a RollingConfig (the sampler sets the steps; until then the shortest
     window, one step, is checked). Raises ValueError saying which values are allowed."""
@@ -143,9 +143,23 @@ def conditioning_tensor(conditioning) -> torch.Tensor:
 def prepare_text(cond: torch.Tensor, text_dim: int, tokens: int = TEXT_TOKENS) -> tuple[torch.Tensor, str | None]:
     """Check the embedding width and pad (zeros) or cut it to ``tokens`` as the reference does.
 
-    Returns (embedding [B, tokens, text_dim] float32, note or None)."""
-    if cond.ndim != 3:
-        raise ValueError(f"text embedding must be [batch, tokens, width], got shape {list(cond.shape)}")
+    Returns (embedding [B, tokens, text_dim] float32, note or None). Refused (ValueError naming the
+    conditioning): not a [batch, tokens, width] floating tensor, an empty batch, zero tokens (nothing to
+    condition on: padding it would silently run an unconditioned video), the wrong width, NaN/inf values."""
+    if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
+        shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+        raise ValueError(f"the conditioning's text embedding must be a [batch, tokens, width] tensor, got {shape}; "
+                         "connect CLIPTextEncode with a CLIPLoader of type wan")
+    if not cond.is_floating_point():
+        raise ValueError(f"the conditioning's text embedding must be floating point, got "
+                         f"{str(cond.dtype).replace('torch.', '')}; connect CLIPTextEncode with a CLIPLoader of type wan")
+    if cond.shape[0] == 0:
+        raise ValueError("the conditioning's text embedding has batch 0 (no prompt); connect CLIPTextEncode with "
+                         "a CLIPLoader of type wan")
+    if cond.shape[1] == 0:
+        raise ValueError("the conditioning has 0 text tokens: there is no prompt to condition on (padding it would "
+                         "generate an unconditioned video); encode a non-empty prompt with CLIPTextEncode and a "
+                         "CLIPLoader of type wan")
     width = cond.shape[-1]
     if width != text_dim:
         raise ValueError(f"the conditioning is {width} wide but this model expects {text_dim} (umT5-XXL): use the "
@@ -153,6 +167,9 @@ def prepare_text(cond: torch.Tensor, text_dim: int, tokens: int = TEXT_TOKENS) -
                          f"umt5_xxl_fp8_e4m3fn_scaled.safetensors) and CLIPTextEncode")
     n = cond.shape[1]
     cond = cond.float()
+    if cond.device.type != "meta" and not bool(torch.isfinite(cond).all()):
+        raise ValueError("the conditioning's text embedding holds NaN or infinite values; the text encoder's "
+                         "weights or its dtype are broken: reload the umT5-XXL text encoder (CLIPLoader type wan)")
     note = None
     if n > tokens:
         note = f"prompt embedding has {n} tokens; cut to the first {tokens} as the reference does"

@@ -19,7 +19,7 @@ DEMO_MODEL = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=
 
 
 def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=(16, 28), seed: int = 0,
-             update_mode: str = "reference", device: str = "cpu", quiet: bool = False,
+             update_mode: str = "fused", device: str = "cpu", quiet: bool = False,
              flush: bool = False) -> dict:
     """Generate ``seconds`` of video with a tiny random model and write it to ``out`` as it streams.
 

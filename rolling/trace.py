@@ -53,7 +53,8 @@ class Trace:
             steps=tuple(m.get("denoising_step_list", (1000, 800, 600, 400, 200))),
             shift=float(m.get("timestep_shift", 5.0)), frames_per_block=fb,
             sink_blocks=int(m.get("sink_frames", 3)) // fb, span_frames=span, capacity_frames=capacity,
-            context_noise=float(m.get("context_noise", 0)), schedule=self.schedule)
+            context_noise=float(m.get("context_noise", 0)), schedule=self.schedule,
+            update_mode="reference")  # the published samplers' own calls
 
     def x(self, i: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of call i, channel-first [B, C, F, H, W]."""

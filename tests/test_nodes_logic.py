@@ -117,7 +117,7 @@ def test_cache_defaults_reproduce_the_reference():
     ({"capacity_frames": 3, "sink_blocks": 1},
      r"capacity_frames \(3\) must hold the sink \(3\) plus at least one block"),
     ({"context_noise": 1000.0}, r"context_noise must be between 0.0 and 999.0"),
-    ({"update_mode": "lazy"}, r"update_mode must be one of reference, fused"),
+    ({"update_mode": "lazy"}, r"update_mode must be one of fused, reference"),
     ({"rope_mode": "absolute"}, r"rope_mode must be one of reference, relative"),
     ({"schedule": "diagonal"}, r"schedule must be one of rolling, chunk_causal"),
     ({"span_frames": 21.5}, r"span_frames must be a whole number"),
@@ -220,6 +220,19 @@ def test_prepare_text_rejects_other_text_encoders():
     assert "768 wide" in str(e.value) and "4096" in str(e.value)
 
 
+@pytest.mark.parametrize("cond, pattern", [
+    (torch.zeros(1, 0, 64), "the conditioning has 0 text tokens: there is no prompt to condition on"),
+    (torch.zeros(0, 20, 64), "batch 0"),
+    (torch.full((1, 20, 64), float("nan")), "holds NaN or infinite values"),
+    (torch.ones(1, 20, 64, dtype=torch.int64), "must be floating point, got int64"),
+    (torch.ones(20, 64), r"must be a \[batch, tokens, width\] tensor, got \[20, 64\]"),
+    ([[1.0]], r"must be a \[batch, tokens, width\] tensor, got list"),
+])
+def test_prepare_text_refuses_empty_and_broken_conditioning(cond, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        inputs.prepare_text(cond, 64)
+
+
 # ----------------------------------------------------------------------------- memory
 
 @pytest.mark.parametrize("kw", [{}, {"update_mode": "fused"},
@@ -254,7 +267,7 @@ def test_memory_estimate_reference_1_3b():
 
 
 def test_memory_estimate_scales():
-    cfg = RollingConfig()
+    cfg = RollingConfig(update_mode="reference")
     kw = dict(num_layers=30, dim=1536, ffn_dim=8960, dtype_bytes=2)
     base = memory.estimate_memory(cfg, latent_h=60, latent_w=104, **kw)
     fused = memory.estimate_memory(RollingConfig(update_mode="fused"), latent_h=60, latent_w=104, **kw)
