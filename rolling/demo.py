@@ -25,8 +25,12 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, latent_hw=
 
     With ``flush`` every block is on disk (in a playable fragment) before the next one is generated,
     and progress is printed per block."""
+    import os
+
     from .video import StreamingVideoWriter
 
+    if os.path.isfile(out):  # the demo owns its output file: a rerun replaces it (the writer never overwrites)
+        os.remove(out)
     torch.manual_seed(seed)
     model = build_model(DEMO_MODEL, device=device, seed=seed)
     context = torch.zeros(1, 512, DEMO_MODEL.text_dim)

@@ -1,195 +1,173 @@
 """Streaming H.264 video writer that survives hard crashes.
 
-Frames are piped to an ``ffmpeg`` process (the static binary shipped by
-``imageio-ffmpeg``) that writes a *fragmented* MP4: an empty ``moov`` header
-first, then one self-contained ``moof``+``mdat`` fragment per keyframe
-interval.  Every finished fragment is on disk and playable, so if the whole
-process tree is SIGKILLed at any moment the file keeps every fragment that
-was completed; only the frames of the current (unfinished) fragment, at most
-``keyframe_interval`` frames, plus whatever was still queued, are lost.
+Frames are encoded in-process with PyAV (FFmpeg's libavcodec and libavformat) on one writer thread
+fed by a bounded queue, into a *fragmented* MP4: an empty ``moov`` header first, then one
+self-contained ``moof`` + ``mdat`` fragment per keyframe interval (default 12 frames = one generated
+block). The muxer hands each fragment to the OS as soon as it is complete (``flush_packets`` into an
+unbuffered file), so the file is playable at any moment and a SIGKILL of the process keeps every
+completed fragment: it loses at most the open fragment (up to ``keyframe_interval`` frames) and what
+was still queued. Encoding favours latency: x264 ``zerolatency`` (no B-frames, no lookahead), a fixed
+GOP of ``keyframe_interval`` frames, BT.709 limited-range yuv420p.
 
-Encoder settings favour low latency over compression efficiency:
-``-tune zerolatency`` (no B-frames, no lookahead, no frame threading), a fixed
-GOP of ``keyframe_interval`` frames (default 12 = one generated block) and
-``-flush_packets 1`` so that each fragment is handed to the OS as soon as it
-is complete.  If only the Python process dies, ffmpeg sees EOF on its stdin
-and finalises the file itself, so nothing that reached the pipe is lost.
+A failure (disk full, a file-size limit, an encoder error) reaches the producer as
+:class:`VideoWriteError` from the next ``write``/``flush``/``close``, also while it waits on a full
+queue. The file is then finished, or cut back to its last complete fragment, so the frame count the
+message gives is exactly what decodes from it (:func:`probe_frame_count`).
 
-Units: sizes in pixels, frame rates in frames per second, sizes on disk in
-bytes.  Frames are RGB, ``uint8`` in [0, 255] or float in [0, 1].
+The output is created exclusively: an existing file, finished or still being written by another
+writer, is never overwritten (ComfyUI's save paths carry a counter; elsewhere pick a new name).
+
+Units: sizes in pixels, frame rates in frames per second, sizes on disk in bytes.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import errno
-import io
 import os
 import queue
 import shutil
-import signal
-import subprocess
 import threading
 import time
+from fractions import Fraction
 
+import av
 import numpy as np
+from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
-__all__ = [
-    "StreamingVideoWriter",
-    "VideoWriteError",
-    "NotEnoughDiskSpaceError",
-    "estimate_video_bytes",
-    "check_free_space",
-    "probe_frame_count",
-    "ffmpeg_exe",
-]
+__all__ = ["StreamingVideoWriter", "VideoWriteError", "NotEnoughDiskSpaceError", "estimate_video_bytes",
+           "check_free_space", "probe_frame_count"]
 
-#: Assumed H.264 size in bits per pixel per frame, used for disk-space checks.
-#: CRF 18 with x264 ``veryfast``/``zerolatency`` (no B-frames, keyframe every
-#: 12 frames) typically needs 0.1-0.4 bits/pixel on generated video; 1.0 is a
-#: deliberately conservative upper bound for natural-looking content (pure
-#: noise can need far more).
+#: Assumed H.264 size in bits per pixel per frame, used for disk-space checks. CRF 18 with x264
+#: ``veryfast``/``zerolatency`` typically needs 0.1-0.4 bits/pixel on generated video; 1.0 is a
+#: deliberately conservative bound for natural-looking content (pure noise can need far more).
 BITS_PER_PIXEL = 1.0
 #: Fixed container overhead (ftyp + empty moov) and per-frame fragment overhead, bytes.
 _HEADER_BYTES = 4096
 _PER_FRAME_OVERHEAD_BYTES = 64
-
-_STDERR_TAIL_LINES = 40
-_POLL_S = 0.05  # how often a blocked producer re-checks for a dead encoder, seconds
-_SENTINEL = None
+_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 
 
 class VideoWriteError(RuntimeError):
-    """The encoder died or the file could not be written (e.g. disk full)."""
+    """The video could not be written (disk full, size limit, encoder error, path taken); the message
+    says how many frames the file keeps."""
 
 
 class NotEnoughDiskSpaceError(OSError):
     """Raised by :func:`check_free_space`; ``errno`` is ``ENOSPC``."""
 
 
-def ffmpeg_exe() -> str:
-    """Path of the ffmpeg binary bundled with (or found by) ``imageio-ffmpeg``."""
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-# --------------------------------------------------------------------------- disk space
+# --------------------------------------------------------------------------- disk space and probing
 
 
 def estimate_video_bytes(num_frames: int, width: int, height: int, fps: float = 16) -> int:
     """Conservative size in bytes of ``num_frames`` frames of ``width`` x ``height`` pixels.
 
-    Assumes :data:`BITS_PER_PIXEL` bits per pixel per frame plus container
-    overhead.  With constant-quality (CRF) encoding the size grows with the
-    number of frames, not with duration, so ``fps`` (frames per second) does
-    not change the estimate; it is accepted for API symmetry.
-    """
-    del fps
+    With constant-quality (CRF) encoding the size grows with the number of frames, not with the
+    duration, so ``fps`` does not change the estimate; it is accepted for API symmetry."""
     per_frame = width * height * BITS_PER_PIXEL / 8 + _PER_FRAME_OVERHEAD_BYTES
     return int(_HEADER_BYTES + max(0, int(num_frames)) * per_frame)
-
-
-def _existing_dir(path: str | os.PathLike) -> str:
-    """Nearest existing directory at or above ``path`` (the file need not exist)."""
-    d = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(d):
-        d = os.path.dirname(d)
-    while d and not os.path.isdir(d):
-        parent = os.path.dirname(d)
-        if parent == d:
-            break
-        d = parent
-    return d
 
 
 def check_free_space(path: str | os.PathLike, needed_bytes: int, num_frames: int | None = None) -> int:
     """Raise :class:`NotEnoughDiskSpaceError` unless ``needed_bytes`` are free where ``path`` goes.
 
-    ``path`` is the output file (or its directory); it does not need to exist.
-    Returns the free space in bytes.
-    """
-    d = _existing_dir(path)
+    ``path`` is the output file or its directory and need not exist. Returns the free bytes."""
+    d = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(d) and os.path.dirname(d) != d:  # the nearest existing directory
+        d = os.path.dirname(d)
     free = shutil.disk_usage(d).free
     if free < needed_bytes:
         what = f" for {num_frames} frames" if num_frames is not None else ""
         raise NotEnoughDiskSpaceError(
-            errno.ENOSPC,
-            f"not enough free disk space at {d}: need ~{needed_bytes / 1e6:.1f} MB{what}, "
-            f"have {free / 1e6:.1f} MB; free space or shorten the video",
-        )
+            errno.ENOSPC, f"not enough free disk space at {d}: need ~{needed_bytes / 1e6:.1f} MB{what}, "
+            f"have {free / 1e6:.1f} MB; free space or shorten the video")
     return free
 
 
-# --------------------------------------------------------------------------- probing
+def probe_frame_count(path: str | os.PathLike) -> int:
+    """Number of frames of the first video stream of ``path`` that decode.
 
-
-def probe_frame_count(path: str | os.PathLike, timeout: float = 60.0) -> int:
-    """Number of frames of the first video stream of ``path`` that ffmpeg can decode.
-
-    Works on partial files (e.g. a fragmented MP4 whose writer was killed):
-    decoding errors in a truncated tail are ignored and a file too damaged to
-    open at all counts as 0 frames.  Raises ``FileNotFoundError`` if ``path``
-    does not exist.
-    """
+    Works on partial files (a writer killed mid-fragment): decoding stops at a damaged tail, and a file
+    too short or damaged to open counts as 0. Raises ``FileNotFoundError`` if ``path`` does not exist."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(path)
-    cmd = [
-        ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
-        "-progress", "pipe:1", "-err_detect", "ignore_err",
-        "-i", path, "-map", "0:v:0", "-f", "null", "-",
-    ]
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout)
+        raise FileNotFoundError(errno.ENOENT, "no such video file", path)
     frames = 0
-    for line in res.stdout.decode(errors="replace").splitlines():
-        if line.startswith("frame="):
-            try:
-                frames = int(line[6:].strip())
-            except ValueError:
-                pass
+    try:
+        with av.open(path) as container:
+            for _ in container.decode(video=0):
+                frames += 1
+    except (av.error.FFmpegError, IndexError):  # unreadable or no video stream; or a truncated tail
+        pass
     return frames
 
 
 # --------------------------------------------------------------------------- frames
 
 
-def _to_uint8_frames(frames, width: int, height: int) -> np.ndarray:
-    """Validate ``frames`` and return a fresh C-contiguous uint8 array [N, height, width, 3].
+def _host_frames(frames, width: int, height: int):
+    """Validate RGB ``frames`` ([N, H, W, 3] or [H, W, 3], numpy or torch, uint8 or float in [0, 1]).
 
-    Float input is taken to be in [0, 1] and converted as
-    ``clip(x * 255, 0, 255)`` truncated to uint8 (NaN -> 0), as ComfyUI does
-    when saving images.  The result never shares memory with the caller's
-    array, so the caller may reuse its buffer as soon as ``write`` returns.
-    """
-    if hasattr(frames, "detach"):  # torch.Tensor, without importing torch
-        t = frames.detach()
-        if t.is_floating_point():
-            t = t.float()  # bfloat16/half -> float32 (numpy has no bfloat16)
-        frames = t.cpu().numpy()
-    arr = np.asarray(frames)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:] != (height, width, 3):
+    Returns (uint8 numpy array [N, height, width, 3] that does not share the caller's memory, a CUDA
+    event the copy to it waits for or None). Floats become ``round(clamp(x, 0, 1) * 255)`` (NaN -> 0); a
+    torch tensor is converted on its own device, then copied to the host once (pinned and
+    non-blocking from CUDA: the writer thread, not the producer, waits for the copy)."""
+    is_torch = hasattr(frames, "detach")  # a torch.Tensor, without importing torch
+    x = frames.detach() if is_torch else np.asarray(frames)
+    shape = tuple(x.shape)
+    x = x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or tuple(x.shape[1:]) != (height, width, 3):
         raise ValueError(
-            f"frames must have shape [N, {height}, {width}, 3] or [{height}, {width}, 3] "
-            f"(N frames of height x width pixels, RGB) to match this writer, got {tuple(np.shape(frames))}"
-        )
-    if arr.dtype == np.uint8:
-        return np.array(arr, dtype=np.uint8, order="C", copy=True)
-    if np.issubdtype(arr.dtype, np.floating):
-        scaled = np.nan_to_num(arr.astype(np.float32) * 255.0, nan=0.0)
-        return np.ascontiguousarray(np.clip(scaled, 0, 255).astype(np.uint8))
-    raise ValueError(f"frames must be uint8 in [0, 255] or float in [0, 1], got dtype {arr.dtype}")
+            f"frames must have shape [N, {height}, {width}, 3] or [{height}, {width}, 3] (N frames of "
+            f"height x width pixels, RGB) to match this writer, got {shape}")
+    floating = x.is_floating_point() if is_torch else np.issubdtype(x.dtype, np.floating)
+    dtype = str(x.dtype).removeprefix("torch.")
+    if not floating and dtype != "uint8":
+        raise ValueError(f"frames must be uint8 in [0, 255] or float in [0, 1], got dtype {dtype}")
+    if not is_torch:
+        if floating:
+            return np.clip(np.nan_to_num(x.astype(np.float32) * 255), 0, 255).round().astype(np.uint8), None
+        return np.array(x, dtype=np.uint8, order="C"), None
+    import torch
+
+    if floating:
+        x = x.to(torch.float32, copy=True).mul_(255).nan_to_num_(0.0).clamp_(0, 255).round_().to(torch.uint8)
+    if x.device.type != "cuda":
+        x = x.cpu().contiguous()
+        return (x.numpy() if floating else x.numpy().copy()), None
+    host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(x.device))
+    return host.numpy(), ready
 
 
 def _check_size(name: str, value) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0 or value % 2:
         raise ValueError(
-            f"{name} must be a positive even number of pixels (H.264 yuv420p needs even "
-            f"width and height), got {value!r}; crop or pad the frames to an even size"
-        )
+            f"{name} must be a positive even number of pixels (H.264 yuv420p needs even width and "
+            f"height), got {value!r}; crop or pad the frames to an even size")
     return int(value)
+
+
+class _File:
+    """The output file, created exclusively and unbuffered: what libavformat flushes is in the OS."""
+
+    def __init__(self, path: str):
+        self.raw = open(path, "xb", buffering=0)
+        self.bytes = 0  # written completely
+        self.failed = False
+
+    def write(self, data) -> None:  # PyAV ignores short writes: write everything or raise
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.raw.write(view):]
+        except BaseException:
+            self.failed = True
+            raise
+        self.bytes += len(data)
 
 
 # --------------------------------------------------------------------------- writer
@@ -198,106 +176,88 @@ def _check_size(name: str, value) -> int:
 class StreamingVideoWriter:
     """Write RGB frames to a crash-safe fragmented MP4 (H.264, yuv420p) as they are produced.
 
-    ``write`` hands frames to a bounded queue drained by a background thread
-    that pipes them to ffmpeg; when the queue holds ``queue_frames`` frames
-    ``write`` blocks, so a slow disk or encoder slows the producer down instead
-    of growing memory.  If ffmpeg dies or the disk fills up, the next
-    ``write``/``flush``/``close`` raises :class:`VideoWriteError`; the file
-    keeps the fragments written so far.
+    ``write`` converts the frames and hands them to a bounded queue that a writer thread encodes
+    from; when it holds ``queue_frames`` frames ``write`` blocks, so a slow disk or encoder slows the
+    producer down instead of growing memory. Failures raise :class:`VideoWriteError` (see the module).
 
     Args:
-        path: output ``.mp4`` file; overwritten if it exists, parent directories are created.
-        width, height: frame size in pixels; both must be even (no implicit padding:
-            a ``ValueError`` tells you what to fix rather than silently changing the size).
+        path: output ``.mp4``; parent directories are created. It must not exist: a
+            :class:`VideoWriteError` names it if it does (another writer has it, or an earlier video).
+        width, height: frame size in pixels; both must be even (no implicit padding).
         fps: frame rate in frames per second.
         crf: x264 constant rate factor (quality; 0 = lossless, 18 ~ visually lossless, 23 default).
-        queue_frames: bound of the frame queue between ``write`` and the encoder thread, frames.
+        queue_frames: bound of the queue between ``write`` and the writer thread, frames.
         preset: x264 speed preset.
-        check_space_frames: if given, first check that the directory has room for that many
-            frames (:func:`estimate_video_bytes` x 1.5) and raise :class:`NotEnoughDiskSpaceError` if not.
+        check_space_frames: if given, first check that the directory has room for that many frames
+            (:func:`estimate_video_bytes` x 1.5) and raise :class:`NotEnoughDiskSpaceError` if not.
         keyframe_interval: frames per GOP and per MP4 fragment (default 12 = one generated block).
-            A crash loses at most the current fragment.
 
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        width: int,
-        height: int,
-        fps: float = 16,
-        crf: int = 18,
-        queue_frames: int = 64,
-        preset: str = "veryfast",
-        check_space_frames: int | None = None,
-        keyframe_interval: int = 12,
-    ):
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 16, crf: int = 18,
+                 queue_frames: int = 64, preset: str = "veryfast", check_space_frames: int | None = None,
+                 keyframe_interval: int = 12):
         self.path = os.path.abspath(os.fspath(path))
-        self.width = _check_size("width", width)
-        self.height = _check_size("height", height)
+        self.width, self.height = _check_size("width", width), _check_size("height", height)
         if not fps or fps <= 0:
             raise ValueError(f"fps must be > 0 frames per second, got {fps!r}")
         if int(queue_frames) < 1:
             raise ValueError(f"queue_frames must be >= 1 frame, got {queue_frames!r}")
         if int(keyframe_interval) < 1:
             raise ValueError(f"keyframe_interval must be >= 1 frame, got {keyframe_interval!r}")
-        self.fps = fps
-        self.keyframe_interval = int(keyframe_interval)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.fps, self.keyframe_interval = fps, int(keyframe_interval)
         if check_space_frames is not None:
             need = int(1.5 * estimate_video_bytes(check_space_frames, self.width, self.height, fps))
             check_free_space(self.path, need, check_space_frames)
-
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._file = _File(self.path)
+        except OSError as e:
+            if isinstance(e, FileExistsError) and e.filename == self.path:
+                raise VideoWriteError(
+                    f"{self.path} already exists: another writer may be writing it, or it is an earlier video. "
+                    "StreamingVideoWriter never overwrites a file; choose a new name or delete it") from None
+            raise VideoWriteError(f"cannot create {self.path}: {e}; nothing was written") from e
+        try:
+            self._container = av.open(self._file, "w", format="mp4",
+                                      container_options={"movflags": _MOVFLAGS, "flush_packets": "1"})
+            k = self.keyframe_interval
+            self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={
+                "preset": preset, "tune": "zerolatency", "crf": str(crf),
+                "x264-params": f"keyint={k}:min-keyint={k}:scenecut=0:bframes=0"})
+            cc = self._stream.codec_context
+            cc.width, cc.height, cc.pix_fmt, cc.gop_size, cc.max_b_frames = self.width, self.height, "yuv420p", k, 0
+            cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709
+            cc.color_range = ColorRange.MPEG  # limited range
+            self._container.start_encoding()  # the header: from here on the file is a playable (empty) MP4
+        except Exception as e:
+            self._file.raw.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise VideoWriteError(f"could not start encoding {self.path} ({type(e).__name__}: {e}); "
+                                  "nothing was written and the file was removed") from e
+        self._sws = VideoReformatter()
         self._queue: queue.Queue = queue.Queue(maxsize=int(queue_frames))
         self._cond = threading.Condition()
-        self._frames_submitted = 0
-        self._frames_written = 0
-        self._frames_muxed = 0
+        self._submitted = self._written = 0
+        self._kept = (self._file.bytes, 0)  # (bytes, frames) up to the end of the last complete fragment
         self._error: VideoWriteError | None = None
-        self._error_reported = False
-        self._closed = False
-        self._aborting = False
-        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
-
-        self._proc = subprocess.Popen(
-            self._ffmpeg_cmd(crf, preset),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-        )
-        self._threads = [
-            threading.Thread(target=self._consume, name="video-encoder-feed", daemon=True),
-            threading.Thread(target=self._read_progress, name="video-encoder-progress", daemon=True),
-            threading.Thread(target=self._read_stderr, name="video-encoder-stderr", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _ffmpeg_cmd(self, crf: int, preset: str) -> list[str]:
-        g = str(self.keyframe_interval)
-        return [
-            ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "warning", "-y",
-            # progress reports (frames muxed) on stdout drive flush()
-            "-progress", "pipe:1", "-stats_period", "0.05",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
-            "-r", str(self.fps), "-i", "pipe:0", "-an",
-            "-vf", "scale=out_color_matrix=bt709:out_range=tv,format=yuv420p",
-            "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency", "-crf", str(crf),
-            "-g", g, "-keyint_min", g, "-sc_threshold", "0", "-bf", "0",
-            "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709",
-            "-color_range", "tv",
-            "-movflags", "+frag_keyframe+empty_moov+default_base_moof",
-            "-flush_packets", "1", "-f", "mp4", self.path,
-        ]
+        self._error_reported = self._closed = self._aborting = self._closing = False
+        self._thread = threading.Thread(target=self._run, name="video-writer", daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------------ properties
 
     @property
     def frames_written(self) -> int:
-        """Frames handed to ffmpeg (written into its stdin pipe)."""
-        return self._frames_written
+        """Frames encoded and handed to the muxer."""
+        return self._written
+
+    @property
+    def frames_on_disk(self) -> int:
+        """Frames in complete fragments, i.e. in the OS: what a crash at this moment would keep."""
+        return self._kept[1]
 
     @property
     def frames_queued(self) -> int:
@@ -305,127 +265,73 @@ class StreamingVideoWriter:
         return self._queue.qsize()
 
     @property
-    def frames_muxed(self) -> int:
-        """Frames ffmpeg reports as encoded and muxed (all but the last fragment are on disk)."""
-        return self._frames_muxed
-
-    @property
-    def pid(self) -> int:
-        """Process id of the ffmpeg encoder."""
-        return self._proc.pid
-
-    @property
     def closed(self) -> bool:
         return self._closed
 
-    # ------------------------------------------------------------------ background threads
+    # ------------------------------------------------------------------ writer thread
 
-    def _write_to_ffmpeg(self, frame: np.ndarray) -> None:
-        view = memoryview(frame).cast("B")
-        while view:
-            n = self._proc.stdin.write(view)
-            view = view[n:]
-
-    def _consume(self) -> None:
-        try:
-            while True:
-                frame = self._queue.get()
-                if frame is _SENTINEL:
-                    return
-                if self._aborting:
-                    continue
-                self._write_to_ffmpeg(frame)
-                with self._cond:
-                    self._frames_written += 1
-                    self._cond.notify_all()
-        except BaseException as e:  # noqa: BLE001 - reported to the producer
-            if not self._aborting:
-                self._fail(e)
-            self._drain_queue()
-
-    def _read_progress(self) -> None:
-        for raw in io.BufferedReader(self._proc.stdout):
-            if raw.startswith(b"frame="):
+    def _run(self) -> None:
+        for item in iter(self._queue.get, None):  # after a failure or abort: drain, so write() never hangs
+            if self._error is None and not self._aborting:
                 try:
-                    n = int(raw[6:].strip())
-                except ValueError:
-                    continue
-                with self._cond:
-                    self._frames_muxed = max(self._frames_muxed, n)
-                    self._cond.notify_all()
-        with self._cond:  # EOF: ffmpeg exited; wake flush() waiters
+                    self._encode(*item)
+                except BaseException as e:  # noqa: BLE001 - reported to the producer
+                    self._fail(e)
+        if self._error is None:  # close() or abort(): write the open fragment and the index
+            try:
+                self._container.mux(self._stream.encode(None))
+                self._closing = True
+                self._container.close()
+                self._kept = (self._file.bytes, self._written)
+            except BaseException as e:  # noqa: BLE001
+                self._fail(e)
+        self._file.raw.close()
+
+    def _encode(self, frame: np.ndarray, ready) -> None:
+        if ready is not None:
+            ready.synchronize()  # the copy from the GPU
+        yuv = self._sws.reformat(av.VideoFrame.from_ndarray(frame, format="rgb24"), format="yuv420p",
+                                 dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+        yuv.pts = self._written
+        for packet in self._stream.encode(yuv):
+            before = packet.pts  # frames before this one
+            self._container.mux(packet)
+            if packet.is_keyframe:  # the muxer has just written the fragment that ends before it
+                self._kept = (self._file.bytes, before)
+        with self._cond:
+            self._written += 1
             self._cond.notify_all()
 
-    def _read_stderr(self) -> None:
-        for raw in io.BufferedReader(self._proc.stderr):
-            self._stderr_tail.append(raw.decode(errors="replace").rstrip())
-
-    def _drain_queue(self) -> None:
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-
-    # ------------------------------------------------------------------ errors
-
-    def _describe_failure(self, cause: BaseException | None) -> str:
-        rc = self._proc.poll()
-        if rc is None:
+    def _fail(self, cause: BaseException) -> None:
+        """Finish the file if it still takes writes, else cut it back to its last complete fragment."""
+        cut, finished = "", False
+        if not (self._file.failed or self._closing):  # e.g. an encoder error: the muxed frames can be saved
+            self._closing = True
             try:
-                rc = self._proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                rc = None
-        if rc is None:
-            what = "ffmpeg stopped accepting frames"
-        elif rc < 0:
-            try:
-                sig = signal.Signals(-rc).name
-            except ValueError:
-                sig = f"signal {-rc}"
-            what = f"ffmpeg was killed by {sig}"
-            if -rc == getattr(signal, "SIGXFSZ", -1):
-                what += " (file size limit exceeded)"
-        else:
-            what = f"ffmpeg exited with code {rc}"
-        if cause is not None and not isinstance(cause, (BrokenPipeError, ValueError)):
-            what += f" ({type(cause).__name__}: {cause})"
-        if rc is not None:  # ffmpeg is gone: let the stderr reader catch its last words
-            self._threads[2].join(1.0)
-        tail = "\n".join(list(self._stderr_tail)[-15:])[-2000:]
-        hint = ""
-        lowered = tail.lower()
-        if "no space left" in lowered or isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-            hint = " The disk appears to be full."
-        else:
-            try:
-                if shutil.disk_usage(_existing_dir(self.path)).free < 16 * 2**20:
-                    hint = " The disk appears to be (nearly) full."
-            except OSError:
+                self._container.close()
+                finished = True
+            except BaseException:  # noqa: BLE001
                 pass
-        on_disk = (self._frames_muxed // self.keyframe_interval) * self.keyframe_interval
-        return (
-            f"video encoding failed after {self._frames_written} frames were handed to the encoder: "
-            f"{what}.{hint}\nffmpeg stderr (last lines):\n{tail or '(empty)'}\n"
-            f"The file at {self.path} keeps the frames written so far (~{on_disk} frames, "
-            f"a fragmented MP4 that stays playable)."
-        )
-
-    def _fail(self, cause: BaseException | None) -> None:
+        if finished:
+            self._kept = (self._file.bytes, self._written)
+        else:
+            try:
+                os.ftruncate(self._file.raw.fileno(), self._kept[0])
+            except OSError as e:
+                cut = f" (a partial fragment after them could not be cut off: {e})"
+        n = self._kept[1]
+        hint = {errno.ENOSPC: " (the disk is full)", errno.EFBIG: " (the file-size limit was reached)"}.get(
+            getattr(cause, "errno", None), "")
+        kept = (f"The file at {self.path} keeps the first {n} frames ({n / self.fps:.2f} s), a playable MP4{cut}."
+                if n else f"Nothing usable was written: the file at {self.path} holds no frames{cut}.")
+        err = VideoWriteError(f"video encoding failed after {self._written} of the {self._submitted} frames "
+                              f"handed to the writer: {type(cause).__name__}: {cause}{hint}. {kept}")
+        err.__cause__ = cause
         with self._cond:
-            if self._error is not None:
-                return
-        err = VideoWriteError(self._describe_failure(cause))
-        if cause is not None:
-            err.__cause__ = cause
-        with self._cond:
-            if self._error is None:
-                self._error = err
+            self._error = self._error or err
             self._cond.notify_all()
 
     def _raise_if_failed(self) -> None:
-        if self._error is None and not self._closed and self._proc.poll() is not None:
-            self._fail(None)  # ffmpeg exited while we were not writing to it
         if self._error is not None:
             self._error_reported = True
             raise self._error
@@ -433,143 +339,75 @@ class StreamingVideoWriter:
     # ------------------------------------------------------------------ public API
 
     def write(self, frames) -> int:
-        """Queue frames for encoding; returns the number of frames queued.
+        """Queue frames for encoding; returns the number of frames this call queued.
 
-        ``frames``: RGB ``uint8`` array ``[N, height, width, 3]`` or ``[height, width, 3]``
-        (numpy array or CPU/GPU torch tensor), or float in [0, 1] (converted with
-        ``clip(x * 255)`` truncated to uint8).  Blocks while the queue is full.
-        Raises ``ValueError`` on a shape/dtype mismatch and :class:`VideoWriteError`
-        if the encoder has failed.
-        """
+        ``frames``: RGB ``uint8`` ``[N, height, width, 3]`` or ``[height, width, 3]`` (numpy array or
+        CPU/GPU torch tensor), or float in [0, 1]. The caller may reuse its buffer when ``write``
+        returns. Blocks while the queue is full. Raises ``ValueError`` on a shape/dtype mismatch and
+        :class:`VideoWriteError` once writing has failed."""
         if self._closed:
             raise VideoWriteError(f"writer for {self.path} is already closed")
-        arr = _to_uint8_frames(frames, self.width, self.height)
+        host, ready = _host_frames(frames, self.width, self.height)
+        for frame in host:
+            self._raise_if_failed()
+            self._queue.put((frame, ready))  # after a failure the writer thread drains the queue
+            self._submitted += 1
         self._raise_if_failed()
-        for frame in arr:
-            while True:
-                try:
-                    self._queue.put(frame, timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    self._raise_if_failed()  # consumer died: do not block forever
-            with self._cond:
-                self._frames_submitted += 1
-        self._raise_if_failed()
-        return len(arr)
+        return len(host)
 
     def flush(self, timeout: float | None = 30.0) -> int:
-        """Wait until every frame passed to :meth:`write` has been encoded and muxed.
+        """Wait until every frame passed to :meth:`write` is encoded and muxed; returns that count.
 
-        Afterwards every complete fragment is in the file and survives a SIGKILL:
-        all frames except the last, still open fragment (the frames since the last
-        keyframe, at most ``keyframe_interval``), which is written when the next
-        keyframe arrives or on :meth:`close`.  Costs up to ~0.05 s of latency;
-        normal streaming does not need it, use it as a durability checkpoint.  Returns the number of muxed frames.
-        Raises :class:`VideoWriteError` if the encoder failed and ``TimeoutError``
-        after ``timeout`` seconds.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        Afterwards every complete fragment is in the file and survives a SIGKILL: all frames but the
+        open fragment (those since the last keyframe), which is written at the next keyframe or on
+        :meth:`close`. Raises :class:`VideoWriteError` if writing failed and ``TimeoutError`` after
+        ``timeout`` seconds."""
         with self._cond:
-            target = self._frames_submitted
-            while self._frames_muxed < target:
-                if self._error is not None or self._proc.poll() is not None:
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(
-                        f"ffmpeg muxed {self._frames_muxed} of {target} frames within {timeout} s"
-                    )
-                self._cond.wait(timeout=_POLL_S if remaining is None else min(_POLL_S, remaining))
-        if self._frames_muxed < target:
-            self._raise_if_failed()
-        return self._frames_muxed
+            if not self._cond.wait_for(lambda: self._error is not None or self._written >= self._submitted,
+                                       timeout):
+                raise TimeoutError(f"the encoder wrote {self._written} of {self._submitted} frames in {timeout} s")
+        self._raise_if_failed()
+        return self._written
 
     def close(self, timeout: float = 120.0) -> None:
-        """Encode everything queued, finalise the file and stop ffmpeg. Idempotent.
+        """Encode everything queued, finish the file. Idempotent.
 
-        Raises :class:`VideoWriteError` if the encoder failed (unless a previous
-        ``write``/``flush`` already raised that error) or did not finish within
-        ``timeout`` seconds (then it is killed; the file keeps what was written).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        deadline = time.monotonic() + timeout
-        # Hand the sentinel to the feeder thread (it drains the queue if it died).
-        while self._threads[0].is_alive():
+        Raises :class:`VideoWriteError` if writing failed (unless ``write``/``flush`` already raised
+        that error) or did not finish within ``timeout`` seconds."""
+        if not self._closed:
+            self._closed = True
+            deadline = time.monotonic() + timeout
             try:
-                self._queue.put(_SENTINEL, timeout=_POLL_S)
-                break
+                self._queue.put(None, timeout=timeout)
             except queue.Full:
-                if time.monotonic() > deadline:
-                    break
-        self._threads[0].join(max(0.0, deadline - time.monotonic()))
-        if self._threads[0].is_alive():  # ffmpeg stopped reading: give up on it
-            self._proc.kill()
-            self._threads[0].join(5.0)
-            self._fail(TimeoutError(f"ffmpeg did not consume frames within {timeout} s"))
-        self._finish(deadline)
-        if self._error is None and self._proc.returncode not in (0, None):
-            self._fail(None)
+                pass
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive() and self._error is None:
+                self._error = VideoWriteError(f"the encoder did not finish {self.path} within {timeout} s; it "
+                                              f"keeps at least {self._kept[1]} frames so far")
         if self._error is not None and not self._error_reported:
             self._error_reported = True
             raise self._error
 
     def abort(self, timeout: float = 5.0) -> None:
-        """Stop quickly: drop queued frames, let ffmpeg finalise what it has, never raise.
-
-        The file stays playable with the frames ffmpeg already received (an
-        unfinished last fragment may be lost if ffmpeg has to be killed after
-        ``timeout`` seconds).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._aborting = True
-        self._drain_queue()
-        try:
-            self._queue.put_nowait(_SENTINEL)
-        except queue.Full:
-            pass
-        self._threads[0].join(min(1.0, timeout))
-        if self._threads[0].is_alive():  # blocked writing to ffmpeg: ask it to finish up
-            try:
-                self._proc.terminate()  # ffmpeg handles SIGTERM by finalising the output
-            except OSError:
-                pass
-            self._threads[0].join(timeout)
-        self._finish(time.monotonic() + timeout)
-        self._error_reported = True  # abort never raises
-
-    def _finish(self, deadline: float) -> None:
-        """Close ffmpeg's stdin and wait for it (killing it after ``deadline``)."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-            self._fail(TimeoutError("ffmpeg did not finish writing the file in time"))
-        for t in self._threads[1:]:
-            t.join(2.0)
+        """Stop quickly: drop queued frames, finish the file with the frames encoded so far, never raise."""
+        if not self._closed:
+            self._aborting = self._error_reported = True
+            with self._queue.mutex:  # drop the queued frames
+                self._queue.queue.clear()
+                self._queue.not_full.notify_all()
+            self.close(timeout)
 
     def __enter__(self) -> "StreamingVideoWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        try:
             self.close()
-        else:  # keep what was produced, but do not mask the original exception
-            try:
-                self.close()
-            except VideoWriteError:
-                pass
+        except VideoWriteError:
+            if exc_type is None:  # otherwise keep what was produced, but do not mask the original exception
+                raise
 
     def __repr__(self) -> str:
-        return (
-            f"StreamingVideoWriter({self.path!r}, {self.width}x{self.height} @ {self.fps} fps, "
-            f"written={self._frames_written}, queued={self.frames_queued}, closed={self._closed})"
-        )
+        return (f"StreamingVideoWriter({self.path!r}, {self.width}x{self.height} @ {self.fps} fps, "
+                f"written={self._written}, queued={self.frames_queued}, closed={self._closed})")
