@@ -148,53 +148,90 @@ class CacheBook:
 class KVPlan:
     """What one DiT forward writes and reads. Input frame i is at absolute position ``frame_pos[i]``;
     ``writes`` are (block, first input frame, "sink"/"ring", slot); ``book`` is the bookkeeping after the
-    forward; ``tables`` the RoPE tables by (first position, frames)."""
+    forward; ``tables`` the RoPE tables by (first position, frames).
+
+    For execution the plan is also a static :class:`Layout` (shapes and structure only: equal for every
+    steady-state window) plus ``args``, the tensors that differ between windows (RoPE tables, cache
+    token indices), so a compiled forward specialises on the layout and never on positions or slots."""
 
     frame_pos: tuple[int, ...]
     writes: tuple[tuple[int, int, str, int], ...]
     groups: tuple[QueryGroup, ...]
     book: CacheBook
     tables: dict = field(default_factory=dict, repr=False, compare=False)
+    layout: "Layout | None" = field(default=None, compare=False)
+    args: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def num_frames(self) -> int:
         return len(self.frame_pos)
 
 
-def assemble_keys(parts: list, k: torch.Tensor, v: torch.Tensor, tpf: int, out=None):
-    """Keys and values [B, L, H, D] of one query group from its ``parts`` (:meth:`RollingKVCache.key_parts`):
-    stored views rotated where needed, and slices of the forward's own un-rotated k, v rotated at their
-    positions. ``out=(K, V)`` buffers receive them (no allocation); without it they are concatenated
-    (autograd-safe: training)."""
-    ks, vs = [], []
-    for src, a, b, rope in parts:
-        if src == "own":
-            kk, vv = apply_rope(k[:, a * tpf:b * tpf], *rope), v[:, a * tpf:b * tpf]
-        else:
-            kk, vv = (apply_rope(a, *rope) if rope is not None else a), b
-        ks.append(kk.to(k.dtype))
-        vs.append(vv.to(v.dtype))
-    if len(ks) == 1:
-        return ks[0], vs[0]
-    if out is None:
-        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
-    n = 0
-    for kk, vv in zip(ks, vs):
-        m = kk.shape[1]
-        out[0][:, n:n + m].copy_(kk)
-        out[1][:, n:n + m].copy_(vv)
-        n += m
-    return out[0][:, :n], out[1][:, :n]
+@dataclass(frozen=True)
+class Layout:
+    """The static structure of a forward's attention: per group, its query frames, the own-frame key
+    ranges, how many stored ring / sink key tokens it gathers (and whether they are rotated on read);
+    per write, where and from which input frame. Its tensors come in ``KVPlan.args``, in the order of
+    :func:`attend_layer`."""
+
+    tpf: int
+    bt: int
+    groups: tuple  # (q0, q1, own ranges ((f0, f1), ...), ring tokens, ring rotated on read, sink tokens)
+    writes: tuple  # (where, f0, rotate on write)
 
 
-def cached_attention(plan: KVPlan, parts: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn,
-                     tpf: int, scratch=None) -> torch.Tensor:
-    """Self-attention of one layer over a KV plan: each query group (rotated at its positions) attends
-    to its keys (``parts[g]``, see :func:`rolling.cache.assemble_keys`). q, k, v un-rotated [B, L, H, D]."""
+def attend_layer(layout: Layout, args, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stores, attn,
+                 scratch=None, write: bool = True) -> torch.Tensor:
+    """Self-attention of one layer over a plan (its ``layout`` and ``args``): write the plan's blocks into
+    ``stores`` = (sink_k, sink_v, ring_k, ring_v) [layers, B, tokens, H, D], then, per query group, rotate
+    the queries and attend to: the forward's own frames (rotated), stored ring keys and sink keys
+    (gathered by token index, rotated where stored un-rotated). q, k, v: un-rotated [B, L, H, D].
+    ``scratch=(K, V)`` buffers receive the keys (no allocation; inference); without, they are
+    concatenated (autograd-safe: training). Only tensor values vary between windows of one layout."""
+    tpf, it = layout.tpf, iter(args)
+    store = None if stores is None else {"sink": (stores[0][layer], stores[1][layer]),
+                                         "ring": (stores[2][layer], stores[3][layer])}
+    if write:
+        with torch.no_grad():
+            for where, f0, rotate in layout.writes:
+                idx = next(it)
+                kb, vb = k[:, f0 * tpf:f0 * tpf + layout.bt].detach(), v[:, f0 * tpf:f0 * tpf + layout.bt].detach()
+                if rotate:
+                    kb = apply_rope(kb, next(it), next(it))
+                store[where][0].index_copy_(1, idx, kb)
+                store[where][1].index_copy_(1, idx, vb)
+    else:
+        for _, _, rotate in layout.writes:
+            next(it)
+            if rotate:
+                next(it), next(it)
     outs = []
-    for g, pg in zip(plan.groups, parts):
-        qg = apply_rope(q[:, g.q0 * tpf:g.q1 * tpf], *plan.tables[(g.q_pos - g.base, g.q1 - g.q0)])
-        outs.append(attn(qg, *assemble_keys(pg, k, v, tpf, scratch)))
+    for q0, q1, own, ring_tokens, ring_rotate, sink_tokens in layout.groups:
+        qg = apply_rope(q[:, q0 * tpf:q1 * tpf], next(it), next(it))
+        ks, vs = [], []
+        for f0, f1 in own:
+            ks.append(apply_rope(k[:, f0 * tpf:f1 * tpf], next(it), next(it)))
+            vs.append(v[:, f0 * tpf:f1 * tpf])
+        for where, tokens, rotate in (("ring", ring_tokens, ring_rotate), ("sink", sink_tokens, True)):
+            if tokens:
+                idx = next(it)
+                kk, vv = store[where][0].index_select(1, idx), store[where][1].index_select(1, idx)
+                ks.append(apply_rope(kk, next(it), next(it)) if rotate else kk)
+                vs.append(vv)
+        if len(ks) == 1:
+            kk, vv = ks[0], vs[0]
+        elif scratch is None:
+            kk, vv = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        else:
+            n = 0
+            for a, b in zip(ks, vs):
+                scratch[0][:, n:n + a.shape[1]].copy_(a)
+                scratch[1][:, n:n + b.shape[1]].copy_(b)
+                n += a.shape[1]
+            kk, vv = scratch[0][:, :n], scratch[1][:, :n]
+        outs.append(attn(qg, kk, vv))
+    if not outs:
+        return None
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -213,6 +250,7 @@ class RollingKVCache:
         self.device, self.dtype = torch.device(device), dtype
         self.rope = rope or Rope(head_dim)
         self.adjacent_sink = cfg.schedule == "rolling"
+        self._idx: dict = {}  # token-index tensors by (store, slots and frames)
 
         def buf(blocks):
             return torch.zeros((num_layers, batch, blocks * self.bt, num_heads, head_dim), device=device, dtype=dtype)
@@ -288,7 +326,52 @@ class RollingKVCache:
                 tables[(p, n)] = self.rope.tables(range(p, p + n), hp, wp, self.device)
         plan = KVPlan(tuple(pos), tuple(writes), tuple(groups), book, tables)
         self.check(plan)
-        return plan
+        layout, args = self._layout(plan)
+        return replace(plan, layout=layout, args=args)
+
+    def _layout(self, plan: KVPlan) -> tuple[Layout, tuple]:
+        """The plan as a static layout plus the tensors of this forward (see :func:`attend_layer`)."""
+        tpf, fb, hp, wp = self.tpf, self.fb, *self.grid
+        args, writes, groups = [], [], []
+
+        def tokens(where, blocks_frames):  # token indices in a store, memoised (ring positions cycle)
+            key = (where, blocks_frames)
+            t = self._idx.get(key)
+            if t is None:
+                idx = [slot * self.bt + f * tpf + i for slot, f0, f1 in blocks_frames for f in range(f0, f1)
+                       for i in range(tpf)]
+                t = self._idx[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
+            return t
+
+        def rope(positions):
+            return self.rope.tables(positions, hp, wp, self.device)
+        for b, f0, where, slot in plan.writes:
+            rotate = self._stored_rotated(where == "sink")
+            args.append(tokens(where, ((slot, 0, fb),)))
+            if rotate:
+                args += plan.tables[(b * fb, fb)]
+            writes.append((where, f0, rotate))
+        for g in plan.groups:
+            args += plan.tables[(g.q_pos - g.base, g.q1 - g.q0)]
+            own = [s for s in g.sources if s.block == OWN]
+            for s in own:
+                args += plan.tables[(s.pos - g.base, s.frames)]
+            layout_g = [g.q0, g.q1, tuple((s.f0, s.f1) for s in own)]
+            for sink in (False, True):
+                stored = [s for s in g.sources if s.block != OWN and s.sink == sink]
+                n = sum(s.frames for s in stored) * tpf
+                rotate = not self._stored_rotated(sink)
+                if n:
+                    where = "sink" if sink else "ring"
+                    slot = plan.book.sink.index if sink else plan.book.ring_slot
+                    args.append(tokens(where, tuple((slot(s.block), s.f0, s.f1) for s in stored)))
+                    if rotate:
+                        args += rope([p for s in stored for p in range(s.pos - g.base, s.pos - g.base + s.frames)])
+                    elif any(s.pos != s.block * fb + s.f0 or g.base for s in stored):
+                        raise RuntimeError("internal error: re-positioning a rotated key")
+                layout_g += [n, rotate] if not sink else [n]
+            groups.append(tuple(layout_g))
+        return Layout(tpf, self.bt, tuple(groups), tuple(writes)), tuple(args)
 
     def reanchored(self, first: int) -> KVPlan:
         """A plan that runs nothing and re-anchors the sink on blocks ``first ..`` (see CacheBook)."""
@@ -374,47 +457,17 @@ class RollingKVCache:
     def _stored_rotated(self, sink: bool) -> bool:
         return self.cfg.rope_mode == "reference" and not sink
 
-    def _slot(self, layer: int, book: CacheBook, block: int, sink: bool):
-        if sink:
-            return self.sink_k[layer], self.sink_v[layer], book.sink.index(block) * self.bt
-        return self.ring_k[layer], self.ring_v[layer], book.ring_slot(block) * self.bt
+    @property
+    def stores(self) -> tuple:
+        return self.sink_k, self.sink_v, self.ring_k, self.ring_v
 
-    def key_parts(self, layer: int, plan: KVPlan, g: QueryGroup) -> list:
-        """What :func:`assemble_keys` needs for group g in ``layer``: ("own", f0, f1, rope) for the
-        forward's own frames, ("stored", k view, v view, rope or None) for cached keys (detached views)."""
-        tpf, fb, parts = self.tpf, self.fb, []
-        for s in g.sources:
-            rope = plan.tables[(s.pos - g.base, s.frames)]
-            if s.block == OWN:
-                parts.append(("own", s.f0, s.f1, rope))
-                continue
-            kst, vst, t0 = self._slot(layer, plan.book, s.block, s.sink)
-            kv = kst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf].detach(), vst[:, t0 + s.f0 * tpf:t0 + s.f1 * tpf].detach()
-            if self._stored_rotated(s.sink):
-                if not (s.pos == s.block * fb + s.f0 and g.base == 0):
-                    raise RuntimeError("internal error: re-positioning a rotated key")
-                rope = None
-            parts.append(("stored", *kv, rope))
-        return parts
-
-    @torch.no_grad()
     def write(self, layer: int, plan: KVPlan, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the plan's blocks from one layer's un-rotated k, v [B, L, H, D] (K rotated first where
-        the cache keeps it rotated); detached copies."""
-        tpf, fb = self.tpf, self.fb
-        for b, f0, where, slot in plan.writes:
-            kb, vb = k[:, f0 * tpf:(f0 + fb) * tpf], v[:, f0 * tpf:(f0 + fb) * tpf]
-            if self._stored_rotated(where == "sink"):
-                kb = apply_rope(kb, *plan.tables[(plan.frame_pos[f0], fb)])
-            sk, sv = (self.sink_k, self.sink_v) if where == "sink" else (self.ring_k, self.ring_v)
-            t0 = slot * self.bt
-            sk[layer][:, t0:t0 + self.bt].copy_(kb)
-            sv[layer][:, t0:t0 + self.bt].copy_(vb)
+        """Store the plan's blocks from one layer's un-rotated k, v [B, L, H, D] (detached copies)."""
+        attend_layer(replace(plan.layout, groups=()), plan.args, layer, k, k, v, self.stores, None)
 
     def attend(self, layer: int, plan: KVPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn) -> torch.Tensor:
         """Self-attention of one layer (inference). q, k, v: [B, L, H, D] un-rotated, for the plan's input
         tokens. Writes the plan's blocks into the cache and attends per query group. Returns [B, L, H, D]."""
-        self.write(layer, plan, k, v)
-        parts = [self.key_parts(layer, plan, g) for g in plan.groups]
-        return cached_attention(plan, parts, q, k, v, attn, self.tpf, (self.scratch_k, self.scratch_v))
+        return attend_layer(plan.layout, plan.args, layer, q, k, v, self.stores, attn,
+                            (self.scratch_k, self.scratch_v) if self.scratch else None)

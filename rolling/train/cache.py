@@ -1,11 +1,10 @@
 """The KV cache for training rollouts: the core's :class:`rolling.cache.RollingKVCache` (same plans,
 same read rules, same key assembly), made autograd-safe.
 
-* No scratch buffer: a gradient forward's keys are concatenated (:func:`rolling.cache.assemble_keys`
-  without ``out``), so no later in-place write can invalidate what backward needs.
-* Stored keys are handed to a block as detached *views* of the cache buffers; the block rotates them
-  itself, so a checkpointed block recomputes exactly the first pass as long as the viewed slots keep
-  their contents until backward. That is guaranteed, not assumed: the training cache holds the
+* No scratch buffer: a gradient forward's keys are concatenated (:func:`rolling.cache.attend_layer`
+  without ``scratch``), so no later in-place write can invalidate what backward needs.
+* Stored keys are gathered inside the block (the buffers need no gradient), so a checkpointed block
+  recomputes exactly the first pass as long as the slots it reads keep their contents until backward. That is guaranteed, not assumed: the training cache holds the
   longest rollout without eviction (27 frames, as the reference's training cache), every slot is
   written once per rollout, and :meth:`TrainKVCache.plan` raises if a forward would overwrite a slot
   that a gradient forward has read since :meth:`reset`.
@@ -37,13 +36,10 @@ class TrainKVCache(RollingKVCache):
                                "(capacity_frames)")
         return plan
 
-    def parts(self, plan: KVPlan, layer: int) -> list:
-        """Key parts of every query group of ``plan`` in ``layer`` (views), recording gradient reads."""
-        out = [self.key_parts(layer, plan, g) for g in plan.groups]
-        if torch.is_grad_enabled():
-            for g in plan.groups:
-                for s in g.sources:
-                    if s.block != OWN:
-                        self.grad_reads.add(("sink", plan.book.sink.index(s.block)) if s.sink
-                                            else ("ring", plan.book.ring_slot(s.block)))
-        return out
+    def note_reads(self, plan: KVPlan) -> None:
+        """Record the stored slots a gradient forward reads (a later write to them would be refused)."""
+        for g in plan.groups:
+            for s in g.sources:
+                if s.block != OWN:
+                    self.grad_reads.add(("sink", plan.book.sink.index(s.block)) if s.sink
+                                        else ("ring", plan.book.ring_slot(s.block)))

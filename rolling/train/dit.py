@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..attention import sdpa_attention
-from ..cache import OWN, KeySource, KVPlan, QueryGroup, cached_attention
+from ..cache import KVPlan, Layout, attend_layer
 from ..forward import WanArch, block_forward, embed_patches, embed_text, embed_time, head_forward
 from ..rope import Rope
 from .cache import TrainKVCache
@@ -80,11 +80,10 @@ class WanDiT(nn.Module):
         sel = torch.tensor([[uniq.index(t) for t in r] for r in rows], device=like.device)
         return e_u[sel], e0_u[sel]
 
-    def _full_attention_plan(self, frames: int, hp: int, wp: int, device) -> KVPlan:
+    def _full_attention(self, frames: int, hp: int, wp: int, device) -> tuple[Layout, tuple]:
         """Every frame attends to every frame, RoPE at positions 0..F-1 (teacher / critic)."""
-        g = QueryGroup(0, frames, 0, (KeySource(OWN, 0, frames, 0),))
-        return KVPlan(tuple(range(frames)), (), (g,), None,
-                      {(0, frames): self.rope.tables(range(frames), hp, wp, device)})
+        rope = self.rope.tables(range(frames), hp, wp, device)
+        return Layout(hp * wp, 0, ((0, frames, ((0, frames),), 0, False, 0),), ()), (*rope, *rope)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, *, plan: KVPlan | None = None,
@@ -102,18 +101,19 @@ class WanDiT(nn.Module):
         if text.shape[0] != b:
             text = text.expand(b, -1, -1)
         if plan is None:
-            plan = self._full_attention_plan(f, hp, wp, x.device)
+            layout, args = self._full_attention(f, hp, wp, x.device)
+            stores, writes = None, False
         elif cache is None:
             raise ValueError("a causal forward needs both plan and cache")
-        writes = bool(plan.writes)
+        else:
+            layout, args, stores, writes = plan.layout, plan.args, cache.stores, bool(plan.writes)
+            if torch.is_grad_enabled():
+                cache.note_reads(plan)
         ckpt = self.checkpointing and torch.is_grad_enabled()
         attn = self.attn
         for i, blk in enumerate(self.model.blocks):
-            parts = [[("own", s.f0, s.f1, plan.tables[(s.pos - g.base, s.frames)]) for s in g.sources]
-                     for g in plan.groups] if cache is None else cache.parts(plan, i)
-
-            def sa(q, k, v, parts=parts):
-                return cached_attention(plan, parts, q, k, v, attn, tpf)
+            def sa(q, k, v, i=i):
+                return attend_layer(layout, args, i, q, k, v, stores, attn, write=False)
             kw = dict(frames=f, heads=a.num_heads, self_attention=sa, text=text, attn=attn, want_kv=writes)
             if ckpt:
                 res = torch_checkpoint(blk, tok, e0, use_reentrant=False, **kw)
