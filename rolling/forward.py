@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .cache import KVPlan, RollingKVCache
+from .cache import KVPlan, RollingKVCache, attend_layer
 
 
 @dataclass(frozen=True)
@@ -212,20 +212,74 @@ def head_forward(model: nn.Module, tok: torch.Tensor, e: torch.Tensor, grid: tup
                      r=patch[2])
 
 
-def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequence[float], plan: KVPlan,
-            cache: RollingKVCache, text: list[tuple[int, int, TextContext]], time: TimeEmbedder, attn,
-            cast: ParamCast | None = None) -> torch.Tensor:
-    """One causal DiT forward without autograd over input latents x [B, C, F, H, W] with per-frame
-    ``timesteps`` (F). ``plan`` (from ``cache.plan``) says what the self-attention reads and writes;
-    ``text`` lists (first frame, end frame, TextContext) ranges covering the F input frames. Returns
-    the flow prediction v [B, C_out, F, H, W] in x's dtype. ``cast`` moves bare parameters."""
+def run_layers(model: nn.Module, arch: WanArch, layout, text_ranges: tuple, attn, cast, x: torch.Tensor,
+               e: torch.Tensor, e0: torch.Tensor, text_kv: tuple, args: tuple, stores: tuple, scratch) -> torch.Tensor:
+    """The forward proper, a function of tensors given the static ``layout`` and ``text_ranges``
+    ((first frame, end frame) per prompt; ``text_kv[r][i]`` = layer i's cross K/V of range r): what a
+    compiled forward specialises on, so windows of one layout never recompile."""
     f = x.shape[2]
     hp, wp = x.shape[3] // arch.patch_size[1], x.shape[4] // arch.patch_size[2]
-    e, e0 = time(timesteps)
     tok = embed_patches(model, x)
     for i, blk in enumerate(model.blocks):
         def sa(q, k, v, i=i):
-            return cache.attend(i, plan, q, k, v, attn)
+            return attend_layer(layout, args, i, q, k, v, stores, attn, scratch)
         tok = block_forward(blk, tok, e0, frames=f, heads=arch.num_heads, self_attention=sa,
-                            text=[(f0, f1, ctx.kv[i]) for f0, f1, ctx in text], attn=attn, cast=cast)
+                            text=[(f0, f1, kv[i]) for (f0, f1), kv in zip(text_ranges, text_kv)], attn=attn,
+                            cast=cast)
     return head_forward(model, tok, e, (f, hp, wp), arch.patch_size, cast)
+
+
+class CompiledForward:
+    """``torch.compile`` of :func:`run_layers`, one graph per (layout, prompt ranges, input shape): a
+    steady-state window compiles once and is reused for every later window and ring position (its
+    positions and slots are tensor inputs). ``fullgraph=True``: a graph break is an error, not a slow
+    path. The KV cache and scratch buffers are marked static, so ``mode="reduce-overhead"`` can
+    capture the forward as a CUDA graph. ``graphs`` counts the compiled graphs."""
+
+    def __init__(self, model: nn.Module, arch: WanArch, attn, cast=None, *, backend: str = "inductor",
+                 mode: str | None = None):
+        self.model, self.arch, self.attn, self.cast = model, arch, attn, cast
+        self.backend, self.mode = backend, mode
+        self._fns: dict = {}
+        self._static: set = set()
+
+    @property
+    def graphs(self) -> int:
+        return len(self._fns)
+
+    def __call__(self, layout, text_ranges, x, e, e0, text_kv, args, stores, scratch):
+        for t in (*stores, *(scratch or ())):
+            if id(t) not in self._static and hasattr(torch._dynamo, "mark_static_address"):
+                torch._dynamo.mark_static_address(t)
+                self._static.add(id(t))
+        key = (layout, text_ranges, tuple(x.shape), x.dtype)
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn(x, e, e0, text_kv, args, stores, scratch)
+
+        def run(x, e, e0, text_kv, args, stores, scratch):
+            return run_layers(self.model, self.arch, layout, text_ranges, self.attn, self.cast, x, e, e0,
+                              text_kv, args, stores, scratch)
+        fn = self._fns[key] = torch.compile(run, backend=self.backend, mode=self.mode, fullgraph=True, dynamic=False)
+        # every layout is one more entry of the same code object's cache (ramp-up / steady / ramp-down
+        # windows, fused or not, prompt ranges): allow them all; a steady window never adds one
+        with torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(self._fns)),
+                                        accumulated_recompile_limit=max(256, 8 * len(self._fns))):
+            return fn(x, e, e0, text_kv, args, stores, scratch)
+
+
+def forward(model: nn.Module, arch: WanArch, x: torch.Tensor, timesteps: Sequence[float], plan: KVPlan,
+            cache: RollingKVCache, text: list[tuple[int, int, TextContext]], time: TimeEmbedder, attn,
+            cast: ParamCast | None = None, compiled: CompiledForward | None = None) -> torch.Tensor:
+    """One causal DiT forward without autograd over input latents x [B, C, F, H, W] with per-frame
+    ``timesteps`` (F). ``plan`` (from ``cache.plan``) says what the self-attention reads and writes;
+    ``text`` lists (first frame, end frame, TextContext) ranges covering the F input frames. Returns
+    the flow prediction v [B, C_out, F, H, W] in x's dtype. ``cast`` moves bare parameters;
+    ``compiled`` runs it through a :class:`CompiledForward`."""
+    e, e0 = time(timesteps)
+    ranges = tuple((f0, f1) for f0, f1, _ in text)
+    kvs = tuple(tuple(ctx.kv) for _, _, ctx in text)
+    scratch = (cache.scratch_k, cache.scratch_v) if cache.scratch else None
+    if compiled is not None:
+        return compiled(plan.layout, ranges, x, e, e0, kvs, plan.args, cache.stores, scratch)
+    return run_layers(model, arch, plan.layout, ranges, attn, cast, x, e, e0, kvs, plan.args, cache.stores, scratch)

@@ -23,7 +23,7 @@ from .attention import get_attention
 from .cache import RollingKVCache
 from .config import RollingConfig
 from .flow import Steps
-from .forward import ParamCast, TextContext, TimeEmbedder, WanArch, forward
+from .forward import CompiledForward, ParamCast, TextContext, TimeEmbedder, WanArch, forward
 from .noise import NoiseSource, SeededNoise
 from .prompts import PromptSchedule
 from .schedule import Forward, Reanchor, forwards
@@ -99,6 +99,8 @@ class RollingSampler:
         on_window: optional callback ``(window_index, num_windows_or_None)`` after every window.
         param_cast: how bare parameters (``modulation``) reach the compute dtype/device
             (:data:`rolling.forward.ParamCast`); inside ComfyUI, its ``cast_to``.
+        compile: run the forward through ``torch.compile`` (:class:`rolling.forward.CompiledForward`):
+            False, True (inductor), or a dict of its options (``backend``, ``mode``).
     """
 
     def __init__(self, model: nn.Module, cfg: RollingConfig | None = None, *, height: int, width: int,
@@ -106,7 +108,7 @@ class RollingSampler:
                  noise: NoiseSource | None = None, seed: int = 0,
                  on_call: Callable[[CallRecord], None] | None = None,
                  on_window: Callable[[int, int | None], None] | None = None,
-                 param_cast: ParamCast | None = None):
+                 param_cast: ParamCast | None = None, compile: bool | dict = False):
         self.model, self.cfg = model, cfg or RollingConfig()
         self.arch = WanArch.of(model)
         validate_latent_size(height, width, self.arch.patch_size)
@@ -126,6 +128,8 @@ class RollingSampler:
         self.grid = (height // self.arch.patch_size[1], width // self.arch.patch_size[2])
         self.cache: RollingKVCache | None = None
         self.time = TimeEmbedder(model, dtype=dtype, device=self.device)
+        self.compiled = None if not compile else CompiledForward(
+            model, self.arch, self.attn, param_cast, **(compile if isinstance(compile, dict) else {}))
         self._texts: dict = {}
         self.prompts: PromptSchedule | None = None
         self.state: RunState | None = None
@@ -232,7 +236,8 @@ class RollingSampler:
         if fwd.blocks:
             self._record(fwd.blocks[0] * fb, x.shape[2] - nc, False, ts[nc:], keys[len(fwd.clean):], "denoise")
         plan = self.cache.plan(fwd, tag=keys[0] if fwd.clean else None)
-        v = forward(self.model, self.arch, x, ts, plan, self.cache, tp, self.time, self.attn, self.param_cast)
+        v = forward(self.model, self.arch, x, ts, plan, self.cache, tp, self.time, self.attn, self.param_cast,
+                    self.compiled)
         self.forwards += 1
         at, noisy = self.steps.output(fwd, x, v, self._draw)
         return {"plan": plan, "clean": {b: sources[b] for b in fwd.clean}, "noisy": noisy,
