@@ -46,8 +46,10 @@ class RollingForcingModelLoader(io.ComfyNode):
                                        "fp8 halves the weight memory (computation then runs in bf16/fp16)."),
                 io.Combo.Input("attention", options=list(options.ATTENTION_BACKENDS), default="auto",
                                tooltip="Attention kernel the Rolling Forcing sampler uses with this model: auto "
-                                       "(sage on CUDA when installed, else PyTorch SDPA), sdpa, sage "
-                                       "(sageattention) or flash (flash-attn). Unavailable ones fall back to sdpa."),
+                                       "(FlashAttention 3 where installed, else PyTorch's cuDNN kernel on Hopper and "
+                                       "newer, else PyTorch SDPA), sdpa, cudnn, flash (flash-attn FA3/FA2) or sage "
+                                       "(sageattention; faster, may oversaturate long videos). Unavailable ones fall "
+                                       "back to sdpa; the sampler's info output says which kernel ran."),
             ],
             outputs=[io.Model.Output(display_name="model",
                                      tooltip="The Wan2.1 DiT as a ComfyUI MODEL; connect it to Rolling Forcing "

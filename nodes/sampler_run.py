@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
+from ..rolling.attention import get_attention
 from ..rolling.forward import WanArch
 from ..rolling.outputs import RunOutputs, collect
 from ..rolling.preview import latent_to_rgb
@@ -89,12 +90,14 @@ class SamplerRun:
             prefix = comfy.wan21_latent_format().process_in(raw.float())
         dtype = model_options.compute_dtype(*comfy.model_dtypes(model), comfy.bf16_supported(model.load_device))
         attention = model_options.attention_from_options(model.model_options)
+        kernel = getattr(get_attention(attention, model.load_device), "kernel", attention)
         est = memory.estimate_memory(
             cfg, num_layers=arch.num_layers, dim=arch.dim, ffn_dim=dm.blocks[0].ffn[0].weight.shape[0], latent_h=lat_h,
             latent_w=lat_w, batch=batch, dtype_bytes=dtype.itemsize, weight_bytes=model.model_size(),
             patch=arch.patch_size, vae=vae is not None, vae_dtype_bytes=vae.vae_dtype.itemsize if vae else 2,
             vae_weight_bytes=vae.patcher.model_size() if vae else 0)
-        summary = run_inputs.run_summary(length, cfg, width, height, batch, seed, attention, dtype, est)
+        summary = run_inputs.run_summary(length, cfg, width, height, batch, seed, f"{attention} (runs {kernel})", dtype,
+                                         est)
         if isinstance(prompt, PromptSchedule):
             summary += "\nprompt schedule (start snapped to the nearest block):\n" + describe(prompt, tl)
         return cls(model, prompt, cfg, length, width, height, seed, vae, stream_to_disk, keep_blocks, prefix, dtype,
