@@ -464,10 +464,3 @@ class RollingKVCache:
     def write(self, layer: int, plan: KVPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the plan's blocks from one layer's un-rotated k, v [B, L, H, D] (detached copies)."""
         attend_layer(replace(plan.layout, groups=()), plan.args, layer, k, k, v, self.stores, None)
-
-    def attend(self, layer: int, plan: KVPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               attn) -> torch.Tensor:
-        """Self-attention of one layer (inference). q, k, v: [B, L, H, D] un-rotated, for the plan's input
-        tokens. Writes the plan's blocks into the cache and attends per query group. Returns [B, L, H, D]."""
-        return attend_layer(plan.layout, plan.args, layer, q, k, v, self.stores, attn,
-                            (self.scratch_k, self.scratch_v) if self.scratch else None)
