@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
-from ..rolling.loading import WEIGHT_CHOICES, CheckpointError, config_from_state_dict, extract_state_dict, read_raw
+from ..rolling.loading import (WEIGHT_CHOICES, CheckpointError, config_from_state_dict, extract_state_dict,
+                               prepare_weights, read_raw)
 from . import comfy_adapter as comfy
 from . import model_options as options
 from .names import CATEGORY
@@ -75,7 +76,7 @@ def load_patcher(path: str, weights: str, dtype_options: dict, attention: str, d
     Also ComfyUI's way to load the same MODEL again (see ``comfy_adapter.register_reload``)."""
     name = os.path.basename(path)
     try:
-        sd = extract_state_dict(read_raw(path), weights)
+        sd = prepare_weights(extract_state_dict(read_raw(path), weights))  # floating point, finite
         config_from_state_dict(sd)  # non-Wan, I2V and VACE checkpoints are refused here
     except CheckpointError as e:
         raise ValueError(f"{name}: {e}") from None

@@ -36,8 +36,10 @@ def weight_dtype_options(name: str) -> dict:
 
 def attention_from_options(model_options: dict | None) -> str:
     """The attention backend stored by the model loader; ``auto`` for models from other loaders."""
-    opts = ((model_options or {}).get("transformer_options") or {}).get(OPTIONS_KEY) or {}
-    name = opts.get("attention", "auto")
+    opts = model_options
+    for key in ("transformer_options", OPTIONS_KEY):
+        opts = opts.get(key) if isinstance(opts, dict) else None
+    name = opts.get("attention", "auto") if isinstance(opts, dict) else "auto"
     return name if name in ATTENTION_BACKENDS else "auto"
 
 

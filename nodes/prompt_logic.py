@@ -6,12 +6,13 @@ the CONDITIONING tensor, and the transition into them. The sampler turns it into
 """
 from __future__ import annotations
 
-import warnings
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..rolling.prompts import TimedPrompt, check_options, describe, parse_prompt_lines, schedule_from_times
+from ..rolling.prompts import (MAX_STORY_SECONDS, TimedPrompt, check_options, describe, parse_clock, parse_story,
+                               schedule_from_times)
 
 from .names import PROMPTS_TYPE
 
@@ -27,32 +28,27 @@ class PromptList:
 
 
 def parse_time(text) -> float:
-    """'20', '20.5', '20s' or 'm:ss' -> seconds; ValueError says what is allowed."""
-    if isinstance(text, (int, float)):
-        t = float(text)
-    else:
-        s = str(text).strip().rstrip("s").strip()
-        try:
-            if ":" in s:
-                m, sec = s.split(":", 1)
-                if float(sec) >= 60:
-                    raise ValueError
-                t = int(m) * 60 + float(sec)
-            else:
-                t = float(s)
-        except ValueError:
-            raise ValueError(f"start time {text!r} is not a time: write seconds (20, 20.5) or m:ss (0:20)") from None
-    if t < 0:
-        raise ValueError(f"start time must be >= 0, got {t:g} s")
+    """A segment's start: seconds as a number, or text '20', '20.5', '20s', 'm:ss' or 'h:mm:ss' (full-width
+    colons and digits read as ASCII) -> seconds; ValueError naming the start time and what is allowed."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ValueError(f"start time must be seconds (20, 20.5) or m:ss (0:20), got {text!r}")
+    if isinstance(text, str):
+        return parse_clock(text, "start time")
+    t = float(text)
+    if not math.isfinite(t) or not 0 <= t <= MAX_STORY_SECONDS:
+        raise ValueError(f"start time must be a number of seconds from 0 to {MAX_STORY_SECONDS:g}, got {text!r}")
     return t
 
 
 def story_segments(text: str, encode, *, transition="cut", blend_s=0.0, recache="none") -> PromptList:
-    """Parse multi-line ``TIME prompt`` text and encode each prompt with ``encode(prompt) -> tensor``."""
+    """Parse a story (``TIME prompt`` lines, or the timed syntax ``a[5s] | b[10s#]``: see
+    :func:`rolling.prompts.parse_story`) and encode each prompt with ``encode(prompt) -> tensor``. A
+    ``#`` hard cut makes that prompt's transition ``cut`` whatever ``transition`` says."""
     check_options(transition, blend_s, recache)
-    items, _ = parse_prompt_lines(text)
-    return PromptList(tuple(TimedPrompt(t, encode(p), p[:60], transition, blend_s, recache, f"line {n}")
-                            for t, p, n in items))
+    items, _ = parse_story(text)
+    return PromptList(tuple(TimedPrompt(it.start, encode(it.prompt), it.prompt[:60],
+                                        "cut" if it.cut else transition, blend_s, recache, it.source)
+                            for it in items))
 
 
 def build_schedule(prompts: PromptList, video_seconds: float, prepare, timeline=None):

@@ -2,11 +2,12 @@
 
 * ``RollingForcingPromptSegment``: one CONDITIONING from a start time, chained segment by segment.
 * ``RollingForcingPromptStory``: CLIP + multi-line text (``0:00 a quiet street`` / ``0:20 rain``),
-  one prompt per line, each encoded with the connected text encoder.
+  one prompt per line, or the timed syntax ``a quiet street[20s] | rain starts[25s#]`` (durations,
+  ``#`` = hard cut), each prompt encoded with the connected text encoder.
 """
 from __future__ import annotations
 
-from ..rolling.prompts import RECACHE, TRANSITIONS
+from ..rolling.prompts import MAX_BLEND_SECONDS, RECACHE, TRANSITIONS, parse_story
 from . import comfy_adapter as comfy
 from .names import CATEGORY
 from .run_inputs import conditioning_tensor
@@ -25,7 +26,7 @@ _RECACHE_TIP = ("At the switch, re-encode the cached frames under the new prompt
 def _options():
     return [
         io.Combo.Input("transition", options=list(TRANSITIONS), default="cut", tooltip=_TRANSITION_TIP),
-        io.Float.Input("blend_seconds", default=2.0, min=0.0, max=60.0, step=0.25,
+        io.Float.Input("blend_seconds", default=2.0, min=0.0, max=MAX_BLEND_SECONDS, step=0.25,
                        tooltip="Length of a blend in seconds (rounded to whole 0.75 s blocks); ignored for cut."),
         io.Combo.Input("recache", options=list(RECACHE), default="none", tooltip=_RECACHE_TIP),
     ]
@@ -45,7 +46,8 @@ class RollingForcingPromptSegment(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="The prompt (CLIPTextEncode with a CLIPLoader of type wan)."),
                 io.String.Input("start", default="0:00",
-                                tooltip="When this prompt starts: seconds (20, 20.5) or m:ss (0:20)."),
+                                tooltip="When this prompt starts: seconds (20, 20.5), m:ss (0:20) or h:mm:ss "
+                                        "(1:00:00)."),
                 *_options(),
                 io.String.Input("label", default="", optional=True,
                                 tooltip="Name shown in progress and info (default: the segment number)."),
@@ -87,8 +89,11 @@ class RollingForcingPromptStory(io.ComfyNode):
             display_name="Rolling Forcing Prompt Story",
             category=f"{CATEGORY}/prompts",
             description=("A whole story as text, one prompt per line, each starting with its time: "
-                         "'0:00 a quiet street at dusk' / '0:20 rain starts, neon reflections' (seconds or m:ss; "
-                         "lines starting with # are comments). Each prompt is encoded with the connected text "
+                         "'0:00 a quiet street at dusk' / '0:20 rain starts, neon reflections' (seconds, m:ss or "
+                         "h:mm:ss; lines starting with # are comments). Or the timed syntax of other tools: "
+                         "'a quiet street[20s] | rain starts[25s#]', each prompt ending in its duration, so "
+                         "durations add up to the start times; # in the brackets is a hard cut into that prompt "
+                         "(a cut even when transition is blend). Each prompt is encoded with the connected text "
                          "encoder (CLIPLoader type wan). Times beyond the video's end are dropped with a warning."),
             inputs=[
                 io.Clip.Input("clip", tooltip="umT5-XXL text encoder from CLIPLoader with type wan."),
@@ -96,7 +101,8 @@ class RollingForcingPromptStory(io.ComfyNode):
                                 default="0:00 a quiet street at dusk, warm lamps, light traffic\n"
                                         "0:20 rain starts, neon reflections on the wet asphalt\n"
                                         "0:45 the camera rises above the rooftops",
-                                tooltip="One prompt per line: TIME PROMPT, times increasing, the first at 0:00."),
+                                tooltip="One prompt per line: TIME PROMPT, times increasing, the first at 0:00; "
+                                        "or 'prompt[5s] | prompt[10s#]' (durations; # = hard cut)."),
                 *_options(),
             ],
             outputs=[RollingForcingPrompts.Output(display_name="prompts",
@@ -104,13 +110,14 @@ class RollingForcingPromptStory(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, **_):
-        if text is not None:
-            try:
-                from ..rolling.prompts import parse_prompt_lines
-                parse_prompt_lines(text)
-            except ValueError as e:
-                return str(e)
+    def validate_inputs(cls, text=None, transition=None, blend_seconds=None, recache=None, **_):
+        try:
+            if text is not None:
+                parse_story(text)
+            if transition is not None and recache is not None and blend_seconds is not None:
+                check_options(transition, blend_seconds, recache)
+        except ValueError as e:
+            return str(e)
         return True
 
     @classmethod

@@ -32,6 +32,8 @@ def cache_config(sink_blocks=1, span_frames=21, capacity_frames=24, context_nois
     for name, v in (("sink_blocks", sink_blocks), ("span_frames", span_frames), ("capacity_frames", capacity_frames)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{name} must be a whole number, got {v!r}")
+    if isinstance(context_noise, bool) or not isinstance(context_noise, (int, float)) or math.isnan(context_noise):
+        raise ValueError(f"context_noise must be a number (a timestep from 0 to 999), got {context_noise!r}")
     for name, v in (("sink_blocks", sink_blocks), ("span_frames", span_frames), ("capacity_frames", capacity_frames),
                     ("context_noise", context_noise)):
         lo, hi = CACHE_LIMITS[name]
@@ -151,8 +153,9 @@ def prepare_text(cond: torch.Tensor, text_dim: int, tokens: int = TEXT_TOKENS) -
         raise ValueError(f"the conditioning's text embedding must be a [batch, tokens, width] tensor, got {shape}; "
                          "connect CLIPTextEncode with a CLIPLoader of type wan")
     if not cond.is_floating_point():
-        raise ValueError(f"the conditioning's text embedding must be floating point, got "
-                         f"{str(cond.dtype).replace('torch.', '')}; connect CLIPTextEncode with a CLIPLoader of type wan")
+        dt = str(cond.dtype).replace("torch.", "")
+        raise ValueError(f"the conditioning's text embedding must be floating point, got {dt}; connect "
+                         "CLIPTextEncode with a CLIPLoader of type wan")
     if cond.shape[0] == 0:
         raise ValueError("the conditioning's text embedding has batch 0 (no prompt); connect CLIPTextEncode with "
                          "a CLIPLoader of type wan")

@@ -81,13 +81,20 @@ def main(argv=None) -> int:
     b.add_argument("--mode", choices=("reference", "fused"), default="reference")
     b.add_argument("--attention", default="sdpa")
     b.add_argument("--rope", choices=("reference", "relative"), default="reference")
-    b.add_argument("--height", type=int, default=None, help="latent height (default: 60 for 1.3B/14B, 16 tiny)")
-    b.add_argument("--width", type=int, default=None, help="latent width (default: 104 for 1.3B/14B, 24 tiny)")
-    b.add_argument("--json", default=None, help="write results to this JSON file")
+    b.add_argument("--height", type=int, default=None,
+                   help="latent height, even, 2..1024 (pixels / 8; default: 60 for 1.3B/14B, 16 tiny)")
+    b.add_argument("--width", type=int, default=None,
+                   help="latent width, even, 2..1024 (pixels / 8; default: 104 for 1.3B/14B, 24 tiny)")
+    b.add_argument("--json", default=None, help="write results to this JSON file (as the run goes: see --json-every)")
+    b.add_argument("--json-every", type=int, default=100, metavar="N",
+                   help='rewrite the JSON every N timed blocks with "complete": false (a killed soak keeps its '
+                        'figures so far); the final write has "complete": true')
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("train", help="DMD training (torchrun for several GPUs); --dry-run prints the memory/compute plan")
-    t.add_argument("config", metavar="CONFIG", help="training config (.json or .toml of TrainConfig fields)")
+    t.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                   help="training config (.json or .toml of TrainConfig fields), e.g. configs/train_1.3B.json; "
+                        "optional with --dry-run (reference defaults)")
     t.add_argument("--dry-run", action="store_true", help="print the per-rank memory and FLOP plan; allocate nothing")
     t.add_argument("--gpus", type=int, default=None, help="GPUs for --dry-run (default: the config's num_gpus)")
     t.set_defaults(fn=_cmd_train)

@@ -192,7 +192,7 @@ def validate_steps(steps: Sequence) -> tuple[int, ...]:
     if not vals:
         raise ValueError("denoising step list is empty; give at least one step in 1..1000, e.g. 1000,800,600,400,200")
     for v in vals:
-        if v != int(v) or not (1 <= v <= 1000):
+        if not math.isfinite(v) or v != int(v) or not (1 <= v <= 1000):
             raise ValueError(f"denoising step {v:g} is not allowed: each step must be a whole number in 1..1000")
     ints = tuple(int(v) for v in vals)
     for a, b in zip(ints, ints[1:]):

@@ -101,7 +101,7 @@ class BackgroundDecoder:
             item = self._q.get()
             if item is None:
                 return
-            raw, event = item
+            raw, event = item  # raw None: flush the decoder
             try:
                 if self._error is not None:
                     continue
@@ -151,6 +151,11 @@ class BackgroundDecoder:
         self.close()
         self._raise()
 
+    def drain(self) -> None:
+        """Wait until every block handed over is decoded (held-back frames stay in the decoder)."""
+        self.close()
+        self._raise()
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._q.put(None)
@@ -159,12 +164,14 @@ class BackgroundDecoder:
 
 def collect(blocks: Iterator, out: RunOutputs, *, first_block: int = 0,
             to_output: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, decoder=None,
-            on_block: Callable | None = None, overlap: bool = False) -> RunOutputs:
+            on_block: Callable | None = None, overlap: bool = False, flush: bool = True) -> RunOutputs:
     """Run a stream of finished blocks into ``out``. ``to_output`` converts a block's latents (e.g. to a
     host's latent convention); ``decoder`` has ``decode(latents) -> frames`` and ``flush() -> frames``;
     ``on_block(block, frames or None)`` is called after each block (progress, preview; raise to stop).
     With ``overlap`` the decoder runs on a worker thread (:class:`BackgroundDecoder`): the frames given
-    to ``on_block`` are then the newest decoded so far (often the previous block's), or None."""
+    to ``on_block`` are then the newest decoded so far (often the previous block's), or None.
+    ``flush=False`` leaves the frames the decoder holds back in it (a chunk of a longer video: the
+    next chunk's first block completes them)."""
     worker = BackgroundDecoder(decoder, out) if decoder is not None and overlap else None
     try:
         for blk in blocks:
@@ -179,9 +186,9 @@ def collect(blocks: Iterator, out: RunOutputs, *, first_block: int = 0,
             if on_block is not None:
                 on_block(blk, frames)
         if worker is not None:
-            worker.flush()
+            worker.flush() if flush else worker.drain()
             out.decode_s = worker.decode_s
-        elif decoder is not None:  # latent frames the decoder held back for its chunking
+        elif decoder is not None and flush:  # latent frames the decoder held back for its chunking
             out.add_frames(decoder.flush())
     finally:
         if worker is not None:

@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# the ComfyUI fixtures (cu, model, vae, cond, progress, server, object_info, page): tests/comfyui/fixtures.py
+pytest_plugins = ["tests.comfyui.fixtures"]
+
 torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses
 
@@ -15,7 +18,10 @@ TRACE_DIR = FIXTURES / "reference-tiny"
 @pytest.fixture(scope="session")
 def trace():
     if not TRACE_DIR.is_dir():
-        pytest.fail(f"shared fixtures not found at {FIXTURES} (set ROLLING_FIXTURES)")
+        pytest.fail(f"the tests need the project's shared fixtures (reference-tiny/ golden trace, "
+                    f"rolling_forcing_1.3B_keys.json), looked for in {FIXTURES}: put the shared/ folder beside "
+                    f"this checkout ({ROOT.parent / 'shared' / 'fixtures'}) or set ROLLING_FIXTURES=/path/to/"
+                    f"shared/fixtures (see README, 'Run the tests')", pytrace=False)
     from rolling.trace import load_trace
     return load_trace(str(TRACE_DIR))
 

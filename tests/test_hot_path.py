@@ -100,3 +100,48 @@ def test_bench_command_reports_all_keys(tmp_path):
               "peak_bytes", "block_ms_median", "block_ms_p99", "first_block_ms", "fps"):
         assert k in d and d[k] is not None, k
     assert d["host_syncs_per_window"] == 0 and d["steady_forwards_per_block"] == 1
+    assert d["complete"] is True and d["timed_blocks_done"] == 3
+
+
+def test_bench_json_survives_a_killed_soak(tmp_path):
+    """The JSON is rewritten atomically every --json-every blocks: killing a soak leaves valid JSON with the
+    counts and the timing so far, marked incomplete."""
+    import time
+    out = tmp_path / "soak.json"
+    p = subprocess.Popen([sys.executable, "-m", "rolling", "bench", "--config", "tiny", "--blocks", "100000",
+                          "--height", "4", "--width", "6", "--json", str(out), "--json-every", "3"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, d = time.time() + 300, {}
+        while time.time() < deadline and p.poll() is None:
+            if out.exists():
+                d = json.loads(out.read_text())  # never a half-written file
+                if d.get("timed_blocks_done", 0) >= 6:
+                    break
+            time.sleep(0.2)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode != 0 and d.get("timed_blocks_done", 0) >= 6, p.stderr.read().decode()[-2000:]
+    d = json.loads(out.read_text())
+    assert d["complete"] is False and d["blocks"] == 100000 and d["timed_blocks_done"] % 3 == 0
+    for k in ("forwards_per_block", "host_syncs_per_window", "block_ms_median", "fps", "first_block_ms"):
+        assert k in d, k
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--height", "0"], "--height is in latent rows .* even number from 2 to 1024 .* got 0"),
+    (["--height", "-4"], "--height .* got -4"),
+    (["--width", "7"], "--width is in latent columns .* got 7"),
+    (["--device", "gpu"], "--device 'gpu' is not a device: use cpu, cuda, cuda:N or meta"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--blocks", "1"], "--blocks must be at least 2"),
+    (["--json-every", "0"], "--json-every must be"),
+])
+def test_bench_refuses_bad_arguments(args, msg, capsys):
+    from rolling.cli import main
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["bench", *args]) == 2
+    import re
+    assert re.search(msg, capsys.readouterr().err)

@@ -77,7 +77,7 @@ def test_attention_choice_roundtrip():
     assert opts["transformer_options"]["patches"] == {}
     assert options.attention_from_options(opts) == "sage"
     assert options.attention_from_options({"transformer_options": {"rolling_forcing": {"attention": "bogus"}}}) == "auto"
-    with pytest.raises(ValueError, match="auto, sdpa, sage, flash"):
+    with pytest.raises(ValueError, match="auto, sdpa, cudnn, flash, sage"):
         options.with_attention({}, "xformers")
 
 

@@ -67,3 +67,37 @@ def test_parse_time():
     for bad in ("x", "1:75", "-3"):
         with pytest.raises(ValueError):
             pl.parse_time(bad)
+
+
+@pytest.mark.parametrize("text, seconds", [("1:00:00", 3600.0), ("0\uff1a20", 20.0), ("\uff12\uff10s", 20.0),
+                                           (" 1:02:03.5 ", 3723.5), (0, 0.0), (12.5, 12.5)])
+def test_parse_time_hours_and_unicode(text, seconds):
+    assert _pack().parse_time(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", float("nan"), float("inf"), -1, 1e12, True, None, [1], "",
+                                 "1:00:60", "1e3"])
+def test_parse_time_refuses_non_times_by_name(bad):
+    with pytest.raises(ValueError, match="start time"):
+        _pack().parse_time(bad)
+
+
+def test_story_timed_syntax_hash_is_a_cut_even_when_blending():
+    pl = _pack()
+    prompts = pl.story_segments("a red circle[5s] | a blue square[10s#] | a green triangle[5s]", enc,
+                                transition="blend", blend_s=1.5, recache="keep_sink")
+    segs = prompts.segments
+    assert [(s.start_s, s.label, s.transition, s.source) for s in segs] == [
+        (0.0, "a red circle", "blend", "line 1, segment 1"), (5.0, "a blue square", "cut", "line 1, segment 2"),
+        (15.0, "a green triangle", "blend", "line 1, segment 3")]
+    assert all(s.recache == "keep_sink" and s.blend_seconds == 1.5 for s in segs)
+    sched, _ = pl.build_schedule(prompts, 20.0, lambda c: c)
+    assert [(s.start_block, s.transition, s.blend_blocks) for s in sched.segments] == [
+        (0, "cut", 0), (7, "cut", 2), (20, "blend", 2)]
+
+
+@pytest.mark.parametrize("kw, msg", [({"blend_s": float("nan")}, "blend_seconds"), ({"blend_s": 1e9}, "from 0 to 600"),
+                                     ({"transition": "fade"}, "transition must be one of")])
+def test_story_refuses_bad_options_by_name(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _pack().story_segments("0 a", enc, **kw)

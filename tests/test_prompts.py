@@ -224,8 +224,10 @@ def test_parse_time_errors_name_the_line(text, msg):
 
 def test_timed_syntax_durations_add_up_and_hash_is_a_cut():
     items, warns = parse_story("a red circle[5s] | a blue square[10s#] | a green\n  triangle[2.5s] | the end")
-    assert items == [StoryItem(0.0, "a red circle", 1, 1, False, 5.0), StoryItem(5.0, "a blue square", 1, 2, True, 10.0),
-                     StoryItem(15.0, "a green triangle", 1, 3, False, 2.5), StoryItem(17.5, "the end", 2, 4, False, None)]
+    assert items == [StoryItem(0.0, "a red circle", 1, 1, False, 5.0),
+                     StoryItem(5.0, "a blue square", 1, 2, True, 10.0),
+                     StoryItem(15.0, "a green triangle", 1, 3, False, 2.5),
+                     StoryItem(17.5, "the end", 2, 4, False, None)]
     assert not warns and items[1].source == "line 1, segment 2"
     # the 3-tuple interface reads the same story
     assert parse_prompt_lines("a[5s] | b[10s#]")[0] == [(0.0, "a", 1), (5.0, "b", 1)]

@@ -74,7 +74,7 @@ def test_wrong_rule_is_caught(trace):
     assert res["v"] > 1e-2
 
 
-def test_verify_trace_command():
+def test_verify_trace_command(trace):  # the fixture says how to get the shared fixtures when missing
     r = subprocess.run([sys.executable, "-m", "rolling", "verify-trace", str(TRACE_DIR)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

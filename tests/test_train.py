@@ -449,3 +449,210 @@ def test_prompt_bank_files(tmp_path):
     torch.save({"context": ctx}, str(tmp_path / "bad.pt"))
     with pytest.raises(ValueError, match="negative"):
         PromptBank.from_file(str(tmp_path / "bad.pt"))
+
+
+# ---------------------------------------------------------------------------------- issue 15: mutations, resume
+
+class _ContextTeacher:
+    """A fake score: v = (mean of its context row) * x + (mean of the timesteps) / 1000, per sample."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, timesteps, ctx):
+        self.calls += 1
+        a = ctx.float().mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+        tt = torch.tensor([sum(r) / len(r) for r in timesteps]).view(-1, 1, 1, 1, 1)
+        return a * x + tt / 1000
+
+
+@pytest.mark.parametrize("uncond_tokens", [8, 5])  # same token count: one batched forward; else two forwards
+def test_teacher_cfg_formula(uncond_tokens):
+    """teacher_x0 = cond + g * (cond - uncond) in x0 space (the reference's CFG), pinned to its values."""
+    from rolling.train.losses import flow_to_x0, teacher_x0
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(2, 4, 3, 2, 2, generator=g)
+    t = torch.tensor([300.0, 800.0])
+    cond = torch.randn(2, 8, 16, generator=g) + 1.0
+    uncond = torch.randn(1, uncond_tokens, 16, generator=g) - 1.0
+    teacher = _ContextTeacher()
+    fake = lambda c: flow_to_x0(xt, teacher(xt, [[float(v)] * 3 for v in t], c), t)  # noqa: E731
+    x0c, x0u = fake(cond), fake(uncond.expand(2, -1, -1))
+    for guidance in (0.0, 1.0, 3.0):
+        out = teacher_x0(teacher, xt, t, cond, uncond, guidance)
+        assert torch.allclose(out, x0c + guidance * (x0c - x0u), atol=1e-6)
+        # not the other conventions: uncond + g (cond - uncond), cond + g (uncond - cond)
+        if guidance == 3.0:
+            assert (out - (x0u + guidance * (x0c - x0u))).abs().max() > 0.1
+            assert (out - (x0c + guidance * (x0u - x0c))).abs().max() > 0.1
+    assert torch.allclose(teacher_x0(teacher, xt, t, cond, uncond, 0.0), x0c, atol=1e-6)
+
+
+def test_generator_loss_uses_the_cfg_teacher():
+    """The DMD gradient the generator loss applies is built from teacher_x0 with the configured guidance."""
+    from rolling.train.losses import dmd_gradient, flow_to_x0, noise_to, teacher_x0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 3, 2, 2, generator=g).requires_grad_(True)
+    cond, uncond = torch.randn(1, 8, 16, generator=g) + 1, torch.randn(1, 8, 16, generator=g) - 1
+    t, eps = torch.tensor([500.0]), torch.randn(1, 4, 3, 2, 2, generator=g)
+    critic = lambda xt, ts, c: 0.3 * xt  # noqa: E731
+    teacher = _ContextTeacher()
+    loss, _ = generator_loss(x, None, critic=critic, teacher=teacher, cond=cond, uncond=uncond, t=t, eps=eps,
+                             guidance=3.0)
+    loss.backward()
+    xt = noise_to(x.detach(), eps, t)
+    grad = dmd_gradient(x.detach(), flow_to_x0(xt, critic(xt, None, cond), t),
+                        teacher_x0(teacher, xt, t, cond, uncond, 3.0))
+    assert torch.allclose(x.grad.double(), grad.double() / x.numel(), atol=1e-9)
+
+
+@pytest.mark.parametrize("n,k", [(21, 4), (24, 2), (21, 1)])
+def test_self_forcing_renoise_level_is_the_next_steps_sigma(ctx, n, k):
+    """Through the real Rollout: a recording student (v = 0.5 x) and recorded noise give back, from each
+    block's consecutive inputs, the sigma it was re-noised with: block b goes from step j to step j+1 with
+    x_{j+1} = (1 - s) x0_j + s eps, s = sigma of step j+1 = t_{j+1} / 1000 (the timestep it is embedded at)."""
+    from rolling.flow import FlowSchedule
+    from rolling.train.rollout import GeneratorNoise
+    seen, draws = [], {}
+
+    def student(x, timesteps, context, *, plan, cache):
+        seen.append((x.detach().clone(), list(timesteps)))
+        return 0.5 * x
+
+    class Recorded(GeneratorNoise):
+        def __call__(self, block, step, shape, device, dtype):
+            eps = super().__call__(block, step, shape, device, dtype)
+            draws[(block, step)] = eps
+            return eps
+
+    arch = WanArch(dim=2, num_heads=1, num_layers=1, freq_dim=2, text_dim=16, in_dim=16, out_dim=16,
+                   patch_size=(1, 1, 1))
+    ro = Rollout(student, RC, height=H, width=WD, batch=1, device="cpu", arch=arch)
+    with torch.no_grad():
+        res = ro.run(ctx, RolloutChoice(n, "self", k), Recorded(torch.Generator().manual_seed(7)), loss_frames=21)
+    warped = FlowSchedule(RC.shift).warp(RC.steps)
+    denoise = [(x, ts) for x, ts in seen if any(ts)]  # clean-cache passes run at t = 0
+    nb = n // 3
+    assert len(denoise) == nb * (k + 1)
+    for b in range(nb):
+        xs = denoise[b * (k + 1):(b + 1) * (k + 1)]
+        assert torch.equal(xs[0][0], draws[(b, 0)])  # step 0: the block's fresh noise
+        for j, (x, ts) in enumerate(xs):
+            assert ts == [pytest.approx(warped[j])] * 3  # step j is embedded at the j-th warped timestep
+        for j in range(k):
+            (x, ts), (x1, ts1) = xs[j], xs[j + 1]
+            x0 = x - ts[0] / 1000 * 0.5 * x  # this step's x0 under v = 0.5 x
+            eps = draws[(b, j + 1)]
+            d = eps - x0
+            s = float(((x1 - x0) * d).sum() / (d * d).sum())  # least squares: x1 = x0 + s (eps - x0)
+            assert (x1 - (x0 + s * d)).abs().max() < 1e-5  # exactly one re-noise of this x0 with this eps
+            assert s == pytest.approx(ts1[0] / 1000, abs=1e-5) and s == pytest.approx(warped[j + 1] / 1000, abs=1e-5)
+    # the exit step's x0 is the output
+    last = denoise[-1][0]
+    assert torch.allclose(res.video[:, :, -3:], last - warped[k] / 1000 * 0.5 * last, atol=1e-6)
+
+
+def test_prompt_bank_samples_by_epoch_without_replacement():
+    from rolling.train.data import PromptBank
+    bank = PromptBank.random(5, 2, 4, seed=0)
+    ids = lambda bk, batch: [next(i for i in range(len(bk.context)) if torch.equal(r, bk.context[i]))  # noqa: E731
+                             for r in batch]
+    which = lambda batch: ids(bank, batch)  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    seq = [i for _ in range(10) for i in which(bank.sample(2, g, "cpu"))]  # 20 draws = 4 epochs
+    epochs = [seq[i:i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(e) == [0, 1, 2, 3, 4] for e in epochs)  # every prompt once per epoch
+    assert len({tuple(e) for e in epochs}) > 1 and bank.epoch == 4  # reshuffled each epoch
+    # deterministic from the generator, and resumable from state_dict mid-epoch
+    again = PromptBank.random(5, 2, 4, seed=0)
+    g2 = torch.Generator().manual_seed(3)
+    assert [i for _ in range(10) for i in which(again.sample(2, g2, "cpu"))] == seq
+    a, b = PromptBank.random(5, 2, 4, seed=0), PromptBank.random(5, 2, 4, seed=0)
+    ga, gb = torch.Generator().manual_seed(9), torch.Generator()
+    a.sample(3, ga, "cpu")
+    b.load_state_dict(a.state_dict())
+    gb.set_state(ga.get_state())
+    for _ in range(6):
+        assert torch.equal(a.sample(2, ga, "cpu"), b.sample(2, gb, "cpu"))
+    # ranks take disjoint slices of one shared stream: within an epoch no two ranks see the same prompt
+    banks = [PromptBank.random(6, 2, 4, seed=0) for _ in range(3)]
+    gens = [torch.Generator().manual_seed(5) for _ in range(3)]
+    got = [ids(bk, bk.sample(2, gg, "cpu", rank=r, world_size=3)) for r, (bk, gg) in enumerate(zip(banks, gens))]
+    assert sorted(i for part in got for i in part) == list(range(6))
+    with pytest.raises(ValueError, match="same prompt file"):
+        PromptBank.random(4, 2, 4).load_state_dict(a.state_dict())
+
+
+def _history(hist):
+    return [{k: v for k, v in h.items() if k != "time_s"} for h in hist]
+
+
+def test_resume_is_a_bit_exact_continuation(tmp_path):
+    """4 steps straight = 2 steps, save, a new Trainer resuming, 2 steps: same losses, choices, weights,
+    EMA and optimizer state, bit for bit (every random stream is saved and restored)."""
+    from rolling.train.trainer import Trainer
+    cfg = tiny_cfg(ema_start_step=1, gen_update_every=2, output_dir=str(tmp_path), **LIGHT)
+    straight = Trainer(cfg)
+    h_straight = straight.train(4)
+    first = Trainer(cfg)
+    h_first = first.train(2)
+    d = first.save(str(tmp_path / "ck"))
+    resumed = Trainer(cfg.with_(resume=d))
+    assert resumed.step == 2
+    h_resumed = resumed.train(2)
+    assert _history(h_first + h_resumed) == _history(h_straight)
+    assert {h["branch"] for h in h_straight if "branch" in h} and any("generator_loss" in h for h in h_resumed)
+    for name in ("generator", "critic"):
+        pairs = zip(getattr(straight, name).named_parameters(), getattr(resumed, name).named_parameters())
+        for (n, p), (_, q) in pairs:
+            assert torch.equal(p, q), (name, n)
+    assert all(torch.equal(straight.ema.shadow[n], resumed.ema.shadow[n]) for n in straight.ema.shadow)
+    for o1, o2 in ((straight.gen_opt, resumed.gen_opt), (straight.critic_opt, resumed.critic_opt)):
+        s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
+        assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in ("exp_avg", "exp_avg_sq"))
+    assert torch.equal(straight.noise_rng.get_state(), resumed.noise_rng.get_state())
+    assert straight.prompts.state_dict()["pos"] == resumed.prompts.state_dict()["pos"]
+
+
+def _write_cfg(tmp_path, **kw):
+    d = dict(generator=TINY, critic=TINY, teacher=TINY, latent_height=H, latent_width=WD, text_tokens=8,
+             mixed_precision=False, teacher_dtype="fp32", device="cpu", log_every=0, output_dir=str(tmp_path / "run"),
+             **LIGHT)
+    d.update(kw)
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+@pytest.mark.parametrize("save_every, steps, saved", [(0, 1, [1]), (2, 3, [2, 3]), (1, 2, [1, 2])])
+def test_final_weights_are_always_saved(tmp_path, save_every, steps, saved):
+    from rolling.loading import load_model
+    from rolling.train import main
+    assert main(_write_cfg(tmp_path, save_every=save_every, max_steps=steps)) == 0
+    dirs = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint_model_"))
+    assert dirs == [f"checkpoint_model_{s:06d}" for s in saved]
+    raw = torch.load(tmp_path / "run" / dirs[-1] / "model.pt", weights_only=True)
+    assert raw["step"] == steps
+    load_model(str(tmp_path / "run" / dirs[-1] / "model.pt"), dtype="fp32", weights="regular", num_heads=2)
+
+
+def test_shipped_config_and_dry_run_without_one(capsys):
+    """configs/train_1.3B.json is the reference run (the defaults plus the reference's files), and
+    `train --dry-run` without a config prints the same plan."""
+    from conftest import ROOT
+    from rolling.cli import main
+    cfg = load_config(str(ROOT / "configs" / "train_1.3B.json"))
+    assert cfg == TrainConfig(generator_ckpt="checkpoints/ode_init.pt", critic_ckpt="wan_models/Wan2.1-T2V-1.3B",
+                              teacher_ckpt="wan_models/Wan2.1-T2V-14B",
+                              prompts="prompts/vidprom_filtered_extended_umt5.safetensors")
+    assert main(["train", "--dry-run", "--gpus", "8"]) == 0
+    no_cfg = capsys.readouterr().out
+    assert "reference defaults" in no_cfg and "1,418,996,800" in no_cfg and "14,288,491,584" in no_cfg
+    assert main(["train", str(ROOT / "configs" / "train_1.3B.json"), "--dry-run", "--gpus", "8"]) == 0
+    with_cfg = capsys.readouterr().out
+    assert no_cfg.split("\n", 1)[1] == with_cfg
+    assert main(["train"]) == 2
+    assert "train needs a CONFIG file" in capsys.readouterr().err
+    assert main(["train", str(ROOT / "configs" / "train_1.3B.json")]) == 2  # the reference's files are not here
+    assert "generator_ckpt = 'checkpoints/ode_init.pt': no such file" in capsys.readouterr().err

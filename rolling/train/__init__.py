@@ -58,18 +58,27 @@ from .config import TrainConfig, load_config
 __all__ = ["TrainConfig", "load_config", "main"]
 
 
-def main(config_path: str, *, dry_run: bool = False, gpus: int | None = None) -> int:
-    """Entry point of ``python -m rolling train CONFIG [--dry-run]``."""
-    cfg = load_config(config_path)
+def main(config_path: str | None = None, *, dry_run: bool = False, gpus: int | None = None) -> int:
+    """Entry point of ``python -m rolling train [CONFIG] [--dry-run]``. Without CONFIG the dry run uses
+    the reference defaults (:class:`TrainConfig`, as ``configs/train_1.3B.json``); training needs a
+    config. The final weights are always saved (``save_every = 0`` saves only them)."""
+    if config_path is None:
+        if not dry_run:
+            raise ValueError("train needs a CONFIG file (.json or .toml of TrainConfig fields), e.g. "
+                             "configs/train_1.3B.json (the reference run); --dry-run alone uses the defaults")
+        cfg = TrainConfig()
+    else:
+        cfg = load_config(config_path)
     if dry_run:
         from .plan import dry_run as _dry
+        if config_path is None:
+            print("no CONFIG given: the reference defaults (as configs/train_1.3B.json)")
         _dry(cfg, gpus)
         return 0
     from .trainer import Trainer
     trainer = Trainer(cfg)
     trainer.train()
-    if cfg.save_every and trainer.step % cfg.save_every:  # final weights, unless just saved
-        trainer.save()
+    trainer.save_final()  # final weights, unless just saved (also with save_every = 0)
     if trainer.info.distributed:
         import torch.distributed as dist
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ import torch
 
 from ..attention import get_attention
 from ..config import WanConfig
-from ..loading import CheckpointError, check_keys, extract_state_dict, read_raw
+from ..loading import CheckpointError, check_keys, extract_state_dict, prepare_weights, read_raw
 from ..model import WanModel, build_model
 from .dit import WanDiT
 from .distributed import DistInfo, load_full_state_dict, shard
@@ -41,6 +41,7 @@ def _initial_state(cfg: WanConfig, ckpt: str | None, seed: int, dtype: torch.dty
         sd = read_weights(ckpt)
         with torch.device("meta"):
             check_keys(WanModel(cfg), sd)
+        prepare_weights(sd, dtype)  # floating point and finite (a diverged checkpoint is refused), cast in place
     else:
         sd = build_model(cfg, seed=seed).state_dict()
     return {"model." + k: v.to(dtype) for k, v in sd.items()}

@@ -7,8 +7,11 @@ is created when the step counter reaches ``ema_start_step`` (as a copy of the ge
 after every later generator step. Checkpoints every ``save_every`` steps in the release layout.
 
 Randomness: the rollout length, the branch and the gradient-window offset / exit step are drawn on
-every rank and rank 0's values are broadcast (:meth:`Trainer.choose`); noise, prompts and DMD
-timesteps are per rank (seeded with the rank).
+every rank and rank 0's values are broadcast (:meth:`Trainer.choose`); noise and DMD timesteps are
+per rank (seeded with the rank); prompts are drawn by epoch without replacement from a stream shared
+by all ranks (``data_rng``, same seed everywhere; each rank takes its own slice of every draw). Every
+stream (and the global torch RNGs) is saved in the checkpoint and restored on resume, so a resumed
+run is the continuation of the run it resumes (:mod:`.checkpoint`).
 """
 from __future__ import annotations
 
@@ -48,6 +51,11 @@ class Trainer:
                  modules: dict | None = None, log: Callable[[dict], None] | None = None,
                  info: DistInfo | None = None):
         self.cfg = cfg
+        for field in ("generator_ckpt", "critic_ckpt", "teacher_ckpt", "prompts", "resume"):
+            path = getattr(cfg, field)  # before minutes of model building: a typo fails at once
+            if path and not os.path.exists(path) and not (field == "prompts" and prompts is not None):
+                raise ValueError(f"{field} = {path!r}: no such file or directory (see configs/train_1.3B.json for "
+                                 "the reference's files)")
         self.info = info or init_distributed(cfg.device)
         self.device = self.info.device
         self.reencode = reencode
@@ -89,8 +97,10 @@ class Trainer:
         self.shared_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + rank)  # rank 0's draw wins
         self.local_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 101 + 7919 * rank)
         self.noise_rng = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 211 + 7919 * rank)
+        self.data_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 307)  # same on every rank
         self.noise = GeneratorNoise(self.noise_rng)
         self.step = 0
+        self.last_saved_step: int | None = None  # step of the last checkpoint written or resumed from
         self.ema: EMA | None = None
         self.choices: deque = deque(maxlen=100_000)  # per rollout: {"step", "phase", "local": [...], "shared": [...]}
         self.last_rollout: RolloutResult | None = None  # of the last generator step (detached), for logs/tests
@@ -115,6 +125,10 @@ class Trainer:
         self.choices.append({"step": self.step, "phase": phase, "local": local, "shared": shared})
         return RolloutChoice(shared[0], BRANCHES[0] if shared[1] else BRANCHES[1], shared[2])
 
+    def _prompts(self, batch: int) -> torch.Tensor:
+        return self.prompts.sample(batch, self.data_rng, self.device, rank=self.info.rank,
+                                   world_size=self.info.world_size)
+
     def _timesteps(self, batch: int) -> torch.Tensor:
         c = self.cfg
         return sample_timesteps(batch, self.local_rng, shift=c.timestep_shift, t_min=c.min_timestep,
@@ -132,7 +146,7 @@ class Trainer:
     def generator_step(self) -> dict:
         c = self.cfg
         self.gen_opt.zero_grad(set_to_none=True)
-        ctx = self.prompts.sample(c.batch_size, self.local_rng, self.device)
+        ctx = self._prompts(c.batch_size)
         neg = self.prompts.negative_batch(c.batch_size, self.device)
         choice = self.choose("generator")
         with self.autocast():
@@ -155,7 +169,7 @@ class Trainer:
     def critic_step(self) -> dict:
         c = self.cfg
         self.critic_opt.zero_grad(set_to_none=True)
-        ctx = self.prompts.sample(c.batch_size, self.local_rng, self.device)
+        ctx = self._prompts(c.batch_size)
         choice = self.choose("critic")
         with self.autocast():
             with torch.no_grad():
@@ -210,6 +224,13 @@ class Trainer:
         """Write ``<dir>/model.pt`` (release layout) and ``<dir>/train_state_rank<r>.pt``; returns the directory."""
         directory = directory or os.path.join(self.cfg.output_dir, f"checkpoint_model_{self.step:06d}")
         return save_checkpoint(self, directory)
+
+    def save_final(self) -> str | None:
+        """Save the weights at the current step unless that step is already saved (the end of a run,
+        whatever ``save_every`` is, 0 included). Returns the directory written, or None."""
+        if self.last_saved_step == self.step:
+            return None
+        return self.save()
 
     def load(self, directory: str) -> None:
         load_checkpoint(self, directory)
