@@ -5,7 +5,7 @@ ComfyUI on a CUDA GPU picks fp16 for Wan's weights and computation (its first su
 dtype; bf16 when asked for bf16 weights, or where fp16 is ruled out); fp8 weights are computed in
 fp16/bf16 with every layer casting at use. On a CPU it picks float32, which hides dtype bugs, so
 these tests make ComfyUI believe the device supports bf16 / fp16 (``should_use_bf16`` /
-``should_use_fp16``, see ``GPU_FLAVOURS`` in the helpers) before the model is loaded.
+``should_use_fp16``, see ``GPU_FLAVOURS`` in tests/comfyui/env.py) before the model is loaded.
 
 VRAM modes: ``normal`` (weights resident), ``lowvram`` (ComfyUI's partial load: only part of the
 weights resident, the rest cast and moved at use by ``comfy.ops``) and ``cast_all`` (every layer
@@ -22,7 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import test_comfy_helpers as H
+from scripts.workflow_source import MODEL_FILES
+from tests.comfyui import env
+from tests.comfyui.inject_pack import random_conditioning, random_wan_vae_state_dict
 
 pytestmark = pytest.mark.comfy
 
@@ -50,17 +52,6 @@ TOL = {torch.float16: (0.005, 0.002), torch.bfloat16: (0.045, 0.015), "turing-bf
        "fp8_e4m3fn": (0.13, 0.06), "fp8_e5m2": (0.25, 0.12)}
 
 
-@pytest.fixture(scope="module")
-def cu():
-    H.require_comfyui()
-    return H.comfyui()
-
-
-@pytest.fixture(scope="module")
-def cond(cu):
-    return H.node_class("RFTestPromptEmbedding")().run(1, 12, 4096)[0]
-
-
 def run_cell(weight_dtype: str, gpu: str | None, mode: str, cond, monkeypatch):
     """Load the DiT and a Wan VAE as ComfyUI would on that GPU, run the sampler, return (latent,
     images, info, patcher)."""
@@ -72,29 +63,29 @@ def run_cell(weight_dtype: str, gpu: str | None, mode: str, cond, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(args, "fp32_vae", True)
         if gpu is not None:
-            H.force_gpu_dtype_path(m, gpu)
+            env.force_gpu_dtype_path(m, gpu)
         if mode == "lowvram":
-            H.force_lowvram(m, fraction=0.4)
-        model = H.node_class("RollingForcingModelLoader").execute(H.MODEL_FILES["dit"]["name"], "ema",
+            env.force_lowvram(m, fraction=0.4)
+        model = env.node_class("RollingForcingModelLoader").execute(MODEL_FILES["dit"]["name"], "ema",
                                                                   weight_dtype, "sdpa")[0]
         if mode == "cast_all":
             model.force_cast_weights = True
-        vae = comfy.sd.VAE(sd=H.random_wan_vae_state_dict(0))
+        vae = comfy.sd.VAE(sd=random_wan_vae_state_dict(0))
         with torch.inference_mode():
-            out = H.prepared_node("RollingForcingSampler", "6").execute(model, cond, SIZE["width"], SIZE["height"],
+            out = env.prepared_node("RollingForcingSampler", "6").execute(model, cond, SIZE["width"], SIZE["height"],
                                                                         SIZE["seconds"], 3, vae=vae)
         latent, images, info = out.result[:3]
-        casting = H.layers_casting_at_use(model.model.diffusion_model)
+        casting = env.layers_casting_at_use(model.model.diffusion_model)
         mm.unload_all_models()
     return latent["samples"], images, info, casting
 
 
 @pytest.fixture(scope="module")
-def reference(cu, cond):
-    """The float32 run (ComfyUI's CPU path, weights resident)."""
+def reference(cu):
+    """The float32 run (ComfyUI's CPU path, weights resident), with the ``cond`` fixture's conditioning."""
     mp = pytest.MonkeyPatch()
     try:
-        latent, images, info, casting = run_cell("default", None, "normal", cond, mp)
+        latent, images, info, casting = run_cell("default", None, "normal", random_conditioning(1, 12), mp)
     finally:
         mp.undo()
     assert "compute float32" in info and casting == (0, casting[1])
@@ -130,11 +121,11 @@ def test_dtype_matrix(cu, cond, reference, monkeypatch, cell, mode):
 def test_forced_gpu_path_is_what_comfyui_picks(cu, monkeypatch):
     """The forcing does what a GPU would: default weights become fp16, bf16 stays bf16, fp8 gets a manual cast."""
     with monkeypatch.context() as m:
-        H.force_gpu_dtype_path(m, "ampere")
-        load = H.node_class("RollingForcingModelLoader").execute
-        de = load(H.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
-        bf = load(H.MODEL_FILES["dit"]["name"], "ema", "bf16", "sdpa")[0]
-        f8 = load(H.MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn", "sdpa")[0]
+        env.force_gpu_dtype_path(m, "ampere")
+        load = env.node_class("RollingForcingModelLoader").execute
+        de = load(MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
+        bf = load(MODEL_FILES["dit"]["name"], "ema", "bf16", "sdpa")[0]
+        f8 = load(MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn", "sdpa")[0]
     assert de.model.get_dtype() == torch.float16 and de.model.manual_cast_dtype is None  # Wan: fp16 first
     assert bf.model.get_dtype() == torch.bfloat16 and bf.model.manual_cast_dtype is None
     assert bf.model.diffusion_model.patch_embedding.weight.dtype == torch.float32  # ComfyUI keeps it fp32
@@ -146,13 +137,13 @@ def test_model_compute_dtype_node_is_honoured(cu, cond, monkeypatch):
     import comfy.model_management as mm
 
     with monkeypatch.context() as m:
-        H.force_gpu_dtype_path(m, "ampere")
-        model = H.node_class("RollingForcingModelLoader").execute(H.MODEL_FILES["dit"]["name"], "ema", "bf16",
+        env.force_gpu_dtype_path(m, "ampere")
+        model = env.node_class("RollingForcingModelLoader").execute(MODEL_FILES["dit"]["name"], "ema", "bf16",
                                                                   "sdpa")[0]
         patched = model.clone()
         patched.set_model_compute_dtype(torch.float16)
         with torch.inference_mode():
-            out = H.prepared_node("RollingForcingSampler", "6").execute(patched, cond, 32, 32, 0.5, 3)
+            out = env.prepared_node("RollingForcingSampler", "6").execute(patched, cond, 32, 32, 0.5, 3)
         mm.unload_all_models()
     assert "compute float16" in out.result[2]
     assert torch.isfinite(out.result[0]["samples"]).all()
@@ -165,8 +156,8 @@ def test_half_precision_vae_streams_like_one_shot_decode(cu, monkeypatch):
 
     pack = cu["pack"]
     with monkeypatch.context() as m:
-        H.force_gpu_dtype_path(m, "bf16_only")
-        vae = comfy.sd.VAE(sd=H.random_wan_vae_state_dict(0))
+        env.force_gpu_dtype_path(m, "bf16_only")
+        vae = comfy.sd.VAE(sd=random_wan_vae_state_dict(0))
     assert vae.vae_dtype == torch.bfloat16
     z = torch.randn(1, 16, 6, 1, 1, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

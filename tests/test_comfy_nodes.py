@@ -14,53 +14,22 @@ import weakref
 import pytest
 import torch
 
-import test_comfy_helpers as H
+from scripts import workflow_source as W
+from tests.comfyui import checkpoints as C
+from tests.comfyui import env
+from tests.comfyui.graphs import TINY_SAMPLER, canonical, ui_to_api, with_test_nodes
 
 pytestmark = pytest.mark.comfy
 
-SMALL = dict(width=32, height=32, seconds=1.0)  # 2 blocks = 6 latent frames = 21 frames
-
-
-@pytest.fixture(scope="module")
-def cu():
-    H.require_comfyui()
-    return H.comfyui()
-
-
-@pytest.fixture(scope="module")
-def model(cu):
-    return H.node_class("RollingForcingModelLoader").execute(H.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
-
-
-@pytest.fixture(scope="module")
-def vae(cu):
-    return H.node_class("RFTestRandomWanVAE")().run(0)[0]
-
-
-@pytest.fixture
-def cond(cu):
-    return H.node_class("RFTestPromptEmbedding")().run(1, 12, 4096)[0]
-
-
-@pytest.fixture
-def progress():
-    """Record ProgressBar updates (value, total, preview) through ComfyUI's global hook."""
-    import comfy.utils
-
-    events = []
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None, **kw: events.append((v, t, p, node_id)))
-    yield events
-    comfy.utils.set_progress_bar_global_hook(old)
-
 
 def sampler(unique_id="6"):
-    return H.prepared_node("RollingForcingSampler", unique_id)
+    return env.prepared_node("RollingForcingSampler", unique_id)
 
 
 def run_sampler(model, cond, vae=None, full=False, **kw):
-    """(latent, images, info), or with ``full`` also the video output and the ui dict."""
-    args = {**SMALL, "seed": 3, **kw}
+    """(latent, images, info), or with ``full`` also the video output and the ui dict. By default
+    ``TINY_SAMPLER``: 32x32, 1 s = 2 blocks = 6 latent frames = 21 frames, seed 3."""
+    args = {**TINY_SAMPLER, **kw}
     with torch.inference_mode():
         out = sampler().execute(model, cond, args.pop("width"), args.pop("height"), args.pop("seconds"),
                                 args.pop("seed"), vae=vae, **args)
@@ -70,7 +39,7 @@ def run_sampler(model, cond, vae=None, full=False, **kw):
 # ----------------------------------------------------------------------------- loading and schema
 
 def _listed(cu):
-    return H.run_coro(cu["pack"].nodes.RollingForcingExtension().get_node_list())
+    return env.run_coro(cu["pack"].nodes.RollingForcingExtension().get_node_list())
 
 
 def test_pack_loads_like_comfyui_loads_it(cu):
@@ -78,7 +47,7 @@ def test_pack_loads_like_comfyui_loads_it(cu):
 
     assert hasattr(cu["pack"], "comfy_entrypoint")
     listed = [c.GET_SCHEMA().node_id for c in _listed(cu)]
-    assert set(H.OUR_NODES) <= set(listed) and len(set(listed)) == len(listed)
+    assert set(env.OUR_NODES) <= set(listed) and len(set(listed)) == len(listed)
     for name in listed:
         assert name in nodes.NODE_CLASS_MAPPINGS
         assert nodes.NODE_CLASS_MAPPINGS[name].RELATIVE_PYTHON_MODULE.startswith("custom_nodes.")
@@ -103,9 +72,9 @@ def check_schema(cls):
     assert all(info["output_tooltips"]), name
 
 
-@pytest.mark.parametrize("name", H.OUR_NODES)
+@pytest.mark.parametrize("name", env.OUR_NODES)
 def test_schema_conventions(cu, name):
-    check_schema(H.node_class(name))
+    check_schema(env.node_class(name))
 
 
 def test_every_listed_node_follows_the_conventions(cu):
@@ -114,8 +83,8 @@ def test_every_listed_node_follows_the_conventions(cu):
 
 
 def test_custom_cache_type_connects_only_to_the_sampler(cu):
-    cache_out = H.node_class("RollingForcingCacheConfig").GET_NODE_INFO_V1()["output"]
-    sampler_in = H.node_class("RollingForcingSampler").GET_NODE_INFO_V1()["input"]["optional"]["cache"]
+    cache_out = env.node_class("RollingForcingCacheConfig").GET_NODE_INFO_V1()["output"]
+    sampler_in = env.node_class("RollingForcingSampler").GET_NODE_INFO_V1()["input"]["optional"]["cache"]
     assert cache_out == ["ROLLING_FORCING_CACHE"] and sampler_in[0] == "ROLLING_FORCING_CACHE"
 
 
@@ -129,39 +98,39 @@ def test_loader_builds_comfyuis_own_wan_model(cu, model):
     assert type(model.model).__name__ == "WAN21"
     assert isinstance(model.model.diffusion_model, comfy.ldm.wan.model.WanModel)
     assert model.model_options["transformer_options"]["rolling_forcing"]["attention"] == "sdpa"
-    ref = H.tiny_state_dict(0)
+    ref = C.tiny_state_dict(0)
     got = model.model.diffusion_model.state_dict()
     assert set(ref) <= set(got)
     assert all(torch.equal(got[k].float(), ref[k]) for k in ref)
 
 
 def test_loader_regular_weights_and_fp8(cu):
-    loader = H.node_class("RollingForcingModelLoader")
-    reg = loader.execute(H.MODEL_FILES["dit"]["name"], "regular", "default", "auto")[0]
+    loader = env.node_class("RollingForcingModelLoader")
+    reg = loader.execute(W.MODEL_FILES["dit"]["name"], "regular", "default", "auto")[0]
     k = "blocks.0.self_attn.q.weight"
-    assert torch.equal(reg.model.diffusion_model.state_dict()[k], H.tiny_state_dict(0)[k] * 0.5)
+    assert torch.equal(reg.model.diffusion_model.state_dict()[k], C.tiny_state_dict(0)[k] * 0.5)
     assert reg.model_options["transformer_options"]["rolling_forcing"]["attention"] == "auto"
-    fp8 = loader.execute(H.MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn", "auto")[0]
+    fp8 = loader.execute(W.MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn", "auto")[0]
     assert fp8.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
     assert fp8.model.manual_cast_dtype is not None  # computation in a real float type
 
 
 def test_fp8_weights_sample(cu, cond):
-    fp8 = H.node_class("RollingForcingModelLoader").execute(H.MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn",
+    fp8 = env.node_class("RollingForcingModelLoader").execute(W.MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn",
                                                             "auto")[0]
     latent, _, info = run_sampler(fp8, cond, seconds=0.5)
     assert torch.isfinite(latent["samples"]).all()
     assert "compute float32" in info or "compute bfloat16" in info or "compute float16" in info
 
 
-@pytest.mark.parametrize("writer, pattern", [(H.write_i2v_checkpoint, "image-to-video"),
-                                             (H.write_non_wan_checkpoint, "not a Wan2.1 DiT checkpoint")])
+@pytest.mark.parametrize("writer, pattern", [(C.write_i2v_checkpoint, "image-to-video"),
+                                             (C.write_non_wan_checkpoint, "not a Wan2.1 DiT checkpoint")])
 def test_loader_refuses_other_checkpoints(cu, writer, pattern):
-    d = cu["tmp"] / "models" / "diffusion_models"
+    d = cu["models"] / "diffusion_models"
     name = f"bad_{writer.__name__}.pt"
     writer(d / name)
     with pytest.raises(ValueError, match=pattern) as e:
-        H.node_class("RollingForcingModelLoader").execute(name, "ema", "default", "auto")
+        env.node_class("RollingForcingModelLoader").execute(name, "ema", "default", "auto")
     assert name in str(e.value)
 
 
@@ -171,7 +140,7 @@ def test_stock_load_diffusion_model_works_with_the_sampler(cu, model, cond):
     import nodes
 
     name = "rolling_forcing_converted.safetensors"
-    H.write_safetensors_checkpoint(cu["tmp"] / "models" / "diffusion_models" / name)
+    C.write_safetensors_checkpoint(cu["models"] / "diffusion_models" / name)
     stock = nodes.UNETLoader().load_unet(name, "default")[0]
     a = run_sampler(stock, cond)[0]["samples"]
     b = run_sampler(model, cond)[0]["samples"]
@@ -183,17 +152,17 @@ def test_native_lora_loader_applies(cu, cond):
     import nodes
     from safetensors.torch import save_file
 
-    loras = cu["tmp"] / "models" / "loras"
+    loras = cu["models"] / "loras"
     loras.mkdir(parents=True, exist_ok=True)
     cu["folder_paths"].add_model_folder_path("loras", str(loras))
     g = torch.Generator().manual_seed(5)
     up, down = torch.randn(256, 4, generator=g) * 0.05, torch.randn(4, 256, generator=g) * 0.05
     key = "diffusion_model.blocks.0.self_attn.q"
     save_file({f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}, str(loras / "tiny_lora.safetensors"))
-    load = H.node_class("RollingForcingModelLoader").execute
-    base = load(H.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
+    load = env.node_class("RollingForcingModelLoader").execute
+    base = load(W.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
     lora = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", 1.0)[0]
-    manual = load(H.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
+    manual = load(W.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
     w = manual.model.diffusion_model.blocks[0].self_attn.q.weight
     with torch.no_grad():
         w += up @ down
@@ -259,10 +228,10 @@ def test_batch_of_prompts(cu, model, vae):
 
 def test_image_output_without_vae_blocks_only_its_users(cu):
     """In a graph: the LATENT is produced; Create Video on the IMAGE output is blocked with our message."""
-    api = _inject(H.t2v_api())
+    api = with_test_nodes(W.api_graph())
     del api["4"], api["6"]["inputs"]["vae"]
     api["6"]["inputs"]["seconds"] = 0.5
-    ex, _, srv = H.run_prompt(api)
+    ex, _, srv = env.run_prompt(api)
     errors = [d for e, d in srv.messages if e == "execution_error"]
     assert errors and "needs a VAE" in errors[0]["exception_message"] and errors[0]["node_id"] == "7"
     assert "6" in ex.history_result["outputs"] and "8" not in ex.history_result["outputs"]
@@ -291,7 +260,7 @@ def test_memory_check_fails_before_sampling(cu, model, cond, monkeypatch):
     monkeypatch.setattr(pack.rolling.sampler.RollingSampler, "_new_cache",
                         lambda self: created.append(1) or pytest.fail("cache allocated"))
     monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 1024)
-    with pytest.raises(cu["logic"].InsufficientMemoryError, match="lower the resolution"):
+    with pytest.raises(pack.nodes.memory.InsufficientMemoryError, match="lower the resolution"):
         run_sampler(model, cond)
     assert not created
 
@@ -360,7 +329,7 @@ def test_interrupt_stops_quickly_and_frees_everything(cu, model, vae, cond, prog
 # ----------------------------------------------------------------------------- validation
 
 def _api(**sampler_inputs):
-    api = H.t2v_api()
+    api = W.api_graph()
     api["6"]["inputs"].update(sampler_inputs)
     return api
 
@@ -371,39 +340,29 @@ def _api(**sampler_inputs):
     ({"steps": "1000,abc"}, "could not read the step list"),
 ])
 def test_prompt_validation_reports_bad_sampler_values(cu, change, pattern):
-    ok, err, _, node_errors = H.validate(_api(**change))
+    ok, err, _, node_errors = env.validate(_api(**change))
     assert not ok
     details = " ".join(e["details"] for e in node_errors["6"]["errors"])
     assert pattern in details
 
 
 def test_prompt_validation_reports_bad_cache_values(cu):
-    api = H.t2v_api()
+    api = W.api_graph()
     api["5"]["inputs"]["capacity_frames"] = 20
-    ok, _, _, node_errors = H.validate(api)
+    ok, _, _, node_errors = env.validate(api)
     assert not ok and "multiple of frames_per_block" in node_errors["5"]["errors"][0]["details"]
 
 
-@pytest.mark.parametrize("name, upscale", list(H.WORKFLOW_FILES.items()))
-def test_shipped_workflows_validate(cu, name, upscale):
-    api = H.ui_to_api(H.load_workflow(name), H.node_info)
-    assert H.canonical(api, H.node_info) == H.canonical(H.t2v_api(upscale), H.node_info)
-    ok, err, outputs, node_errors = H.validate(api)
+@pytest.mark.parametrize("name, variant", list(W.WORKFLOW_FILES.items()))
+def test_shipped_workflows_validate(cu, name, variant):
+    api = ui_to_api(W.load_workflow(name), env.node_info)
+    assert canonical(api, env.node_info) == canonical(W.api_graph(variant), env.node_info)
+    ok, err, outputs, node_errors = env.validate(api)
     assert ok, (err, node_errors)
     assert outputs == ["8"]
 
 
 # ----------------------------------------------------------------------------- end to end
-
-def _inject(api: dict) -> dict:
-    """Swap the text encoder and VAE loaders for the test nodes; make the video tiny."""
-    api = {k: dict(v, inputs=dict(v["inputs"])) for k, v in api.items()}
-    del api["2"]
-    api["3"] = {"class_type": "RFTestPromptEmbedding", "inputs": {"seed": 1, "tokens": 12, "width": 4096}}
-    api["4"] = {"class_type": "RFTestRandomWanVAE", "inputs": {"seed": 0}}
-    api["6"]["inputs"].update(width=SMALL["width"], height=SMALL["height"], seconds=SMALL["seconds"], seed=3)
-    return api
-
 
 def _video_file(cu, ui_out):
     entry = ui_out["images"][0]
@@ -413,9 +372,9 @@ def _video_file(cu, ui_out):
 def test_t2v_workflow_runs_end_to_end(cu):
     import av
 
-    api = _inject(H.ui_to_api(H.load_workflow("rolling_forcing_t2v.json"), H.node_info))
+    api = with_test_nodes(ui_to_api(W.load_workflow("rolling_forcing_t2v.json"), env.node_info))
     t0 = time.perf_counter()
-    ex, valid, srv = H.run_prompt(api)
+    ex, valid, srv = env.run_prompt(api)
     took = time.perf_counter() - t0
     events = [e for e, _ in srv.messages]
     assert ex.success and "execution_success" in events, srv.messages[-3:]
@@ -435,8 +394,8 @@ def test_t2v_workflow_runs_end_to_end(cu):
 def test_upscale_workflow_runs_end_to_end(cu):
     import av
 
-    api = _inject(H.ui_to_api(H.load_workflow("rolling_forcing_upscale.json"), H.node_info))
-    ex, valid, srv = H.run_prompt(api)
+    api = with_test_nodes(ui_to_api(W.load_workflow("rolling_forcing_upscale.json"), env.node_info))
+    ex, valid, srv = env.run_prompt(api)
     assert ex.success, srv.messages[-3:]
     path = _video_file(cu, ex.history_result["outputs"]["8"])
     with av.open(str(path)) as c:
@@ -449,9 +408,9 @@ def test_long_stream_workflow_runs_end_to_end(cu):
     """The long-stream graph (tiny, 15 s): the file holds every frame; RAM keeps only the last 5 s."""
 
     from rolling.video import probe_frame_count
-    api = _inject(H.ui_to_api(H.load_workflow("rolling_forcing_long_stream.json"), H.node_info))
+    api = with_test_nodes(ui_to_api(W.load_workflow("rolling_forcing_long_stream.json"), env.node_info))
     api["6"]["inputs"].update(seconds=15.0)  # 21 blocks = 63 latent frames = 249 frames
-    ex, valid, srv = H.run_prompt(api)
+    ex, valid, srv = env.run_prompt(api)
     assert ex.success, srv.messages[-3:]
     out = ex.history_result["outputs"]
     path = _video_file(cu, out["6"])
@@ -464,11 +423,12 @@ def test_long_stream_workflow_runs_end_to_end(cu):
 def test_prompt_story_workflow_runs_end_to_end(cu):
     """The story graph with a stand-in text encoder: three timed prompts, 12 s, a playable video."""
     from rolling.video import probe_frame_count
-    api = H.ui_to_api(H.load_workflow("rolling_forcing_prompt_story.json"), H.node_info)
+    api = ui_to_api(W.load_workflow("rolling_forcing_prompt_story.json"), env.node_info)
     api["2"] = {"class_type": "RFTestClip", "inputs": {}}
     api["4"] = {"class_type": "RFTestRandomWanVAE", "inputs": {"seed": 0}}
-    api["6"]["inputs"].update(width=SMALL["width"], height=SMALL["height"], seed=3)
-    ex, valid, srv = H.run_prompt(api)
+    api["6"]["inputs"].update(width=TINY_SAMPLER["width"], height=TINY_SAMPLER["height"],
+                              seed=TINY_SAMPLER["seed"])
+    ex, valid, srv = env.run_prompt(api)
     assert ex.success, srv.messages[-3:]
     out = ex.history_result["outputs"]
     assert probe_frame_count(str(_video_file(cu, out["8"]))) == 201  # 12 s -> 17 blocks -> 201 frames
@@ -498,8 +458,8 @@ def test_extend_from_a_latent(cu, model, cond):
 
 def test_prompt_segments_switch_where_asked(cu, model, cond, progress):
     """A two-segment schedule: blocks before the switch's first window equal a single-prompt run."""
-    other = H.node_class("RFTestPromptEmbedding")().run(7, 12, 4096)[0]
-    seg = H.node_class("RollingForcingPromptSegment")
+    other = env.node_class("RFTestPromptEmbedding")().run(7, 12, 4096)[0]
+    seg = env.node_class("RollingForcingPromptSegment")
     first = seg.execute(cond, "0:00", "cut", 2.0, "none", "street")[0]
     both = seg.execute(other, "0:05", "cut", 2.0, "keep_sink", "rain", previous=first)[0]
     kw = dict(seconds=8.0)
@@ -527,7 +487,7 @@ def test_prompt_story_node_encodes_each_line(cu):
         def encode_from_tokens_scheduled(self, tokens):
             return [[torch.full((1, 5, 4096), float(len(tokens))), {"pooled_output": None}]]
 
-    story = H.node_class("RollingForcingPromptStory")
+    story = env.node_class("RollingForcingPromptStory")
     pl = story.execute(FakeClip(), "0:00 a street\n# note\n0:20 rain starts", "blend", 1.5, "none")[0]
     assert calls == ["a street", "rain starts"]
     assert [s.start_s for s in pl.segments] == [0.0, 20.0] and pl.segments[1].transition == "blend"
@@ -589,7 +549,6 @@ def test_core_causal_wan_model_samples_like_wan_model(cu, model, cond):
     import json
 
     import nodes
-    from safetensors.torch import save_file
 
     try:
         import comfy.ldm.wan.ar_model as ar
@@ -597,8 +556,7 @@ def test_core_causal_wan_model_samples_like_wan_model(cu, model, cond):
         pytest.skip("this ComfyUI has no causal AR Wan model (comfy.ldm.wan.ar_model, added in 2026)")
     name = "rolling_forcing_causal_ar.safetensors"
     meta = {"config": json.dumps({"transformer": {"causal_ar": True}})}
-    save_file({k: v.contiguous() for k, v in H.tiny_state_dict(0).items()},
-              str(cu["tmp"] / "models" / "diffusion_models" / name), metadata=meta)
+    C.write_safetensors_checkpoint(cu["models"] / "diffusion_models" / name, metadata=meta)
     causal = nodes.UNETLoader().load_unet(name, "default")[0]
     assert isinstance(causal.model.diffusion_model, ar.CausalWanModel)
     assert torch.equal(run_sampler(causal, cond)[0]["samples"], run_sampler(model, cond)[0]["samples"])

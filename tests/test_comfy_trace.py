@@ -12,16 +12,12 @@ import dataclasses
 import pytest
 import torch
 
-import test_comfy_helpers as H
-
 pytestmark = pytest.mark.comfy
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def comfy_trace(trace):
-    H.require_comfyui()
-    H.comfyui()
+def comfy_trace(trace, cu):
     import comfy.ldm.wan.model
     import comfy.ops
 

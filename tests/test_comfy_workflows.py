@@ -15,30 +15,12 @@ import uuid
 
 import pytest
 
-import test_comfy_helpers as H
+from scripts import workflow_source as W
+from tests.comfyui import env
+from tests.comfyui.frontend import frontend_api_to_ui, frontend_load_ui
+from tests.comfyui.graphs import canonical, ui_to_api, with_test_nodes
 
 pytestmark = pytest.mark.comfy
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    H.require_comfyui()
-    with H.ComfyServer(tmp_path_factory.mktemp("comfy_server")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.get("/object_info", timeout=120)
-
-
-@pytest.fixture(scope="module")
-def page(server):
-    reason = H.browser_available()
-    if reason:
-        pytest.skip(f"real-frontend checks skipped: {reason}")
-    with H.frontend(server) as p:
-        yield p
 
 
 def websocket_client():
@@ -49,70 +31,62 @@ def websocket_client():
     return websocket
 
 
-def injected(api: dict, **sampler) -> dict:
-    api = json.loads(json.dumps(api))
-    del api["2"]
-    api["3"] = {"class_type": "RFTestPromptEmbedding", "inputs": {"seed": 1, "tokens": 12, "width": 4096}}
-    api["4"] = {"class_type": "RFTestRandomWanVAE", "inputs": {"seed": 0}}
-    api["6"]["inputs"].update({"width": 32, "height": 32, "seconds": 1.0, "seed": 3, **sampler})
-    return api
-
-
 # ----------------------------------------------------------------------------- registration
 
 def test_server_loads_the_pack_without_errors(server, object_info):
-    for name in H.OUR_NODES:
+    for name in env.OUR_NODES:
         assert name in object_info, f"{name} missing from /object_info"
         node = object_info[name]
         assert node["category"].startswith("RollingForcing/") and node["description"]
         assert node["python_module"].startswith("custom_nodes.")
     log = server.log_text()
-    assert H.PACK_DIR_NAME in log  # listed in the import-times table
-    bad = [ln for ln in log.splitlines() if H.PACK_DIR_NAME in ln and ("IMPORT FAILED" in ln or "Cannot import" in ln)]
+    assert env.PACK_DIR_NAME in log  # listed in the import-times table
+    bad = [ln for ln in log.splitlines()
+           if env.PACK_DIR_NAME in ln and ("IMPORT FAILED" in ln or "Cannot import" in ln)]
     assert not bad, bad
     assert "Traceback" not in log.split("Import times for custom nodes")[-1].split("Starting server")[0]
 
 
 def test_workflows_are_served_as_templates(server):
     templates = server.get("/workflow_templates")
-    assert {n[:-5] for n in H.WORKFLOW_FILES} <= set(templates.get(H.PACK_DIR_NAME, []))
-    for name in H.WORKFLOW_FILES:
-        served = server.get(f"/api/workflow_templates/{H.PACK_DIR_NAME}/{name}")
-        assert served == H.load_workflow(name)
-        thumb = server.get_bytes(f"/api/workflow_templates/{H.PACK_DIR_NAME}/{name[:-5]}.jpg")
-        assert thumb == (H.WORKFLOWS / (name[:-5] + ".jpg")).read_bytes()
+    assert {n[:-5] for n in W.WORKFLOW_FILES} <= set(templates.get(env.PACK_DIR_NAME, []))
+    for name in W.WORKFLOW_FILES:
+        served = server.get(f"/api/workflow_templates/{env.PACK_DIR_NAME}/{name}")
+        assert served == W.load_workflow(name)
+        thumb = server.get_bytes(f"/api/workflow_templates/{env.PACK_DIR_NAME}/{W.thumbnail_name(name)}")
+        assert thumb == (W.WORKFLOWS / W.thumbnail_name(name)).read_bytes()
 
 
-@pytest.mark.parametrize("name, upscale", list(H.WORKFLOW_FILES.items()))
-def test_workflow_converts_to_the_expected_api_graph(object_info, name, upscale):
-    api = H.ui_to_api(H.load_workflow(name), object_info.__getitem__)
+@pytest.mark.parametrize("name, variant", list(W.WORKFLOW_FILES.items()))
+def test_workflow_converts_to_the_expected_api_graph(object_info, name, variant):
+    api = ui_to_api(W.load_workflow(name), object_info.__getitem__)
     info = object_info.__getitem__
-    assert H.canonical(api, info) == H.canonical(H.t2v_api(upscale), info)
+    assert canonical(api, info) == canonical(W.api_graph(variant), info)
 
 
 # ----------------------------------------------------------------------------- real frontend
 
-@pytest.mark.parametrize("name, upscale", list(H.WORKFLOW_FILES.items()))
-def test_frontend_loads_workflow_without_missing_nodes(server, object_info, page, name, upscale):
+@pytest.mark.parametrize("name, variant", list(W.WORKFLOW_FILES.items()))
+def test_frontend_loads_workflow_without_missing_nodes(server, object_info, page, name, variant):
     ui = page.evaluate("async (url) => await (await fetch(url)).json()",
-                       f"/api/workflow_templates/{H.PACK_DIR_NAME}/{name}")
-    res = H.frontend_load_ui(page, ui)
+                       f"/api/workflow_templates/{env.PACK_DIR_NAME}/{name}")
+    res = frontend_load_ui(page, ui)
     assert res["missing"] == [], f"node types the frontend does not know: {res['missing']}"
     assert sorted(res["types"]) == sorted(n["type"] for n in ui["nodes"])
     # the frontend's own UI -> API conversion equals ours and the intended graph
     info = object_info.__getitem__
-    assert H.canonical(res["api"], info) == H.canonical(H.ui_to_api(ui, info), info)
-    assert H.canonical(res["api"], info) == H.canonical(H.t2v_api(upscale), info)
+    assert canonical(res["api"], info) == canonical(ui_to_api(ui, info), info)
+    assert canonical(res["api"], info) == canonical(W.api_graph(variant), info)
     # and it passes ComfyUI's own prompt validation (in-process ComfyUI with the same pack and files)
-    ok, err, outputs, node_errors = H.validate(res["api"])
+    ok, err, outputs, node_errors = env.validate(res["api"])
     assert ok and outputs == ["8"], (err, node_errors)
 
 
 def test_frontend_api_to_ui_roundtrip(page, object_info):
-    ui = H.frontend_api_to_ui(page, H.t2v_api())
-    back = H.frontend_load_ui(page, ui)
+    ui = frontend_api_to_ui(page, W.api_graph())
+    back = frontend_load_ui(page, ui)
     info = object_info.__getitem__
-    assert back["missing"] == [] and H.canonical(back["api"], info) == H.canonical(H.t2v_api(), info)
+    assert back["missing"] == [] and canonical(back["api"], info) == canonical(W.api_graph(), info)
 
 
 # ----------------------------------------------------------------------------- running over HTTP
@@ -134,7 +108,7 @@ def test_server_runs_the_t2v_graph_with_progress_and_previews(server, object_inf
 
     cid = uuid.uuid4().hex
     ws = _listen(server, cid)
-    api = injected(H.ui_to_api(H.load_workflow("rolling_forcing_t2v.json"), object_info.__getitem__))
+    api = with_test_nodes(ui_to_api(W.load_workflow("rolling_forcing_t2v.json"), object_info.__getitem__))
     t0 = time.perf_counter()
     pid = _queue(server, api, cid)
     progress, previews, done = [], 0, False
@@ -171,7 +145,7 @@ def test_server_runs_the_t2v_graph_with_progress_and_previews(server, object_inf
 def test_server_interrupt_stops_the_sampler_quickly(server, object_info):
     cid = uuid.uuid4().hex
     ws = _listen(server, cid)
-    api = injected(H.t2v_api(), seconds=12.0, seed=11)  # 17 blocks: would take much longer than the test
+    api = with_test_nodes(W.api_graph(), seconds=12.0, seed=11)  # 17 blocks: would take much longer than the test
     api["6"]["inputs"]["width"] = 64
     pid = _queue(server, api, cid)
     interrupted_at = seen = None

@@ -9,20 +9,20 @@ import json
 
 import pytest
 
-import test_comfy_helpers as H
+from scripts import workflow_source as W
 
 
-@pytest.fixture(params=list(H.WORKFLOW_FILES), scope="module")
+@pytest.fixture(params=list(W.WORKFLOW_FILES), scope="module")
 def workflow(request):
-    return request.param, H.WORKFLOW_FILES[request.param], H.load_workflow(request.param)
+    return request.param, W.WORKFLOW_FILES[request.param], W.load_workflow(request.param)
 
 
 def test_workflows_folder_holds_ui_workflows_and_thumbnails():
-    names = {p.name for p in H.WORKFLOWS.iterdir()}
-    assert set(H.WORKFLOW_FILES) <= names
+    names = {p.name for p in W.WORKFLOWS.iterdir()}
+    assert set(W.WORKFLOW_FILES) <= names
     assert all(n.endswith((".json", ".jpg")) for n in names), names  # ComfyUI serves the folder as-is
-    for name in H.WORKFLOW_FILES:  # the template browser's thumbnail: a JPEG with the same stem
-        assert (H.WORKFLOWS / (name[:-5] + ".jpg")).read_bytes()[:3] == b"\xff\xd8\xff"
+    for name in W.WORKFLOW_FILES:  # the template browser's thumbnail: a JPEG with the same stem
+        assert (W.WORKFLOWS / W.thumbnail_name(name)).read_bytes()[:3] == b"\xff\xd8\xff"
 
 
 def test_ui_format(workflow):
@@ -60,23 +60,23 @@ def _source(ui, node, input_name):
 
 
 def test_graph_shape(workflow):
-    name, upscale, ui = workflow
+    name, variant, ui = workflow
     types = sorted(n["type"] for n in ui["nodes"])
-    prompt_node = "RollingForcingPromptStory" if upscale == "story" else "CLIPTextEncode"
+    prompt_node = "RollingForcingPromptStory" if variant == "story" else "CLIPTextEncode"
     outs = ["CreateVideo", "SaveVideo"]
     expected = ["CLIPLoader", prompt_node, "Note", "RollingForcingCacheConfig",
                 "RollingForcingModelLoader", "RollingForcingSampler", "VAELoader"] + outs
-    assert types == sorted(expected + (["ImageScaleBy"] if upscale is True else []))
+    assert types == sorted(expected + (["ImageScaleBy"] if variant == "upscale" else []))
     sampler = _by_type(ui, "RollingForcingSampler")
     assert _source(ui, sampler, "model")[0]["type"] == "RollingForcingModelLoader"
     assert _source(ui, sampler, "positive")[0]["type"] == prompt_node
     assert _source(ui, sampler, "cache")[0]["type"] == "RollingForcingCacheConfig"
     assert _source(ui, sampler, "vae")[0]["type"] == "VAELoader"
-    if upscale == "long_stream":
+    if variant == "long_stream":
         assert sampler["widgets_values"][-3:] == [True, "video/rolling_forcing_long", 5]
     create = _by_type(ui, "CreateVideo")
     src, slot = _source(ui, create, "images")
-    if upscale is True:
+    if variant == "upscale":
         assert src["type"] == "ImageScaleBy" and src["widgets_values"] == ["lanczos", 1.5]
         src, slot = _source(ui, src, "image")
     assert src["type"] == "RollingForcingSampler" and slot == 1  # the IMAGE output
@@ -86,15 +86,15 @@ def test_graph_shape(workflow):
 
 
 def test_widget_values_match_the_api_graph(workflow):
-    _, upscale, ui = workflow
-    api = H.t2v_api(upscale)
+    _, variant, ui = workflow
+    api = W.api_graph(variant)
     loader = api["1"]["inputs"]
     assert _by_type(ui, "RollingForcingModelLoader")["widgets_values"] == [
         loader["model_name"], loader["weights"], loader["weight_dtype"], loader["attention"]]
     cache = api["5"]["inputs"]
     assert _by_type(ui, "RollingForcingCacheConfig")["widgets_values"] == [
         cache["sink_blocks"], cache["span_frames"], cache["capacity_frames"], cache["context_noise"],
-        cache["update_mode"], cache["rope_mode"]]
+        cache["update_mode"], cache["rope_mode"], cache["schedule"]]
     s = api["6"]["inputs"]
     wv = _by_type(ui, "RollingForcingSampler")["widgets_values"]
     assert wv[:4] == [s["width"], s["height"], s["seconds"], s["seed"]] and wv[5] == s["steps"]
@@ -103,9 +103,9 @@ def test_widget_values_match_the_api_graph(workflow):
 
 def test_loaders_list_their_model_downloads(workflow):
     _, _, ui = workflow
-    for typ, kind in H.LOADER_MODELS.items():
+    for typ, kind in W.LOADER_MODELS.items():
         node = _by_type(ui, typ)
-        f = H.MODEL_FILES[kind]
+        f = W.MODEL_FILES[kind]
         assert node["properties"]["models"] == [{"name": f["name"], "url": f["url"], "directory": f["directory"]}]
         assert node["widgets_values"][0] == f["name"]
         assert f["url"].startswith("https://huggingface.co/") and f["url"].endswith("/" + f["name"])
@@ -114,5 +114,5 @@ def test_loaders_list_their_model_downloads(workflow):
 def test_note_explains_the_models(workflow):
     _, _, ui = workflow
     note = _by_type(ui, "Note")["widgets_values"][0]
-    for f in H.MODEL_FILES.values():
+    for f in W.MODEL_FILES.values():
         assert f["name"] in note

@@ -1,0 +1,173 @@
+"""The source of truth of the shipped workflows (``workflows/*.json``): plain data and small functions.
+
+Each shipped workflow is one *variant* of the text-to-video graph. For every variant this module
+holds its API graph (``api_graph``), the text of its "Read me" note (``note_text``) and, for the
+loader nodes, the model download list the frontend offers (``model_properties``). The UI files
+are made from these with the real ComfyUI frontend by ``scripts/make_workflows.py``; the tests
+check that the files in ``workflows/`` still say exactly this (``tests/test_comfy_workflow_source.py``).
+
+Importable without ComfyUI, torch or a browser (standard library only).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+# file name in workflows/ -> variant of the graph
+WORKFLOW_FILES = {
+    "rolling_forcing_t2v.json": "t2v",
+    "rolling_forcing_upscale.json": "upscale",
+    "rolling_forcing_prompt_story.json": "story",
+    "rolling_forcing_long_stream.json": "long_stream",
+}
+VARIANTS = tuple(WORKFLOW_FILES.values())
+
+# the models the workflows load, where ComfyUI keeps them and where the frontend downloads them from
+MODEL_FILES = {
+    "clip": {"name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "directory": "text_encoders",
+             "url": "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+                    "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
+    "vae": {"name": "wan_2.1_vae.safetensors", "directory": "vae",
+            "url": "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/"
+                   "wan_2.1_vae.safetensors"},
+    "dit": {"name": "rolling_forcing_dmd.pt", "directory": "diffusion_models",
+            "url": "https://huggingface.co/TencentARC/RollingForcing/resolve/main/checkpoints/rolling_forcing_dmd.pt"},
+}
+# loader node type -> the MODEL_FILES entry it loads
+LOADER_MODELS = {"CLIPLoader": "clip", "VAELoader": "vae", "RollingForcingModelLoader": "dit"}
+
+PROMPT = ("A red fox trotting through fresh snow in a sunlit birch forest, its breath visible in the cold air, "
+          "cinematic tracking shot, soft golden morning light, shallow depth of field")
+
+STORY = ("0:00 a quiet street at dusk, warm shop lights, a few people walking, cinematic\n"
+         "0:04 rain starts, neon reflections on the wet asphalt, umbrellas open\n"
+         "0:08 the camera rises slowly above the rooftops, city lights in the rain")
+
+NOTE_TEXT = (
+    "Rolling Forcing text-to-video (Wan2.1-T2V-1.3B, 16 fps).\n\n"
+    "Models (the loaders offer the downloads when a file is missing):\n"
+    "- models/diffusion_models/rolling_forcing_dmd.pt (TencentARC/RollingForcing)\n"
+    "- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (Comfy-Org/Wan_2.1_ComfyUI_repackaged)\n"
+    "- models/vae/wan_2.1_vae.safetensors (Comfy-Org/Wan_2.1_ComfyUI_repackaged)\n\n"
+    "Set the length in seconds on the sampler: it is rounded up to whole blocks of 12 frames and the node's "
+    "info output says the exact frame count. Frames are decoded block by block while sampling (the preview "
+    "shows the newest frame). Memory stays flat however long the video; the IMAGE batch grows by ~4.6 MB per "
+    "832x480 frame, so for very long videos lower the length or the resolution.")
+
+NOTE_UPSCALE = (
+    "\n\nUpscale: Upscale Image By scales the frames 1.5x (832x480 -> 1248x720, lanczos) before saving; for "
+    "sharper results swap it for Load Upscale Model + Upscale Image (using Model).")
+
+NOTE_STORY = ("\n\nPrompt story: one prompt per line, each starting with its time (seconds or m:ss). Each line "
+              "is encoded with the text encoder; switches snap to the nearest 0.75 s block boundary, and the "
+              "sampler's info output shows where each landed. Transitions: cut, blend (over blend_seconds), and "
+              "recache (keep_sink for a new action in the same scene, reanchor for a scene change).")
+
+NOTE_LONG = ("\n\nLong stream: the sampler writes each decoded block to output/video/rolling_forcing_long_*.mp4 "
+             "as it is made (fragmented MP4: playable at any moment, also after Cancel or a crash) and keeps only "
+             "the last keep_seconds in RAM, so 10 minutes or an hour run with bounded memory. The whole file shows "
+             "in the sampler's preview when the run ends; Save Video stores just the tail.")
+
+_NOTE_EXTRA = {"t2v": "", "upscale": NOTE_UPSCALE, "story": NOTE_STORY, "long_stream": NOTE_LONG}
+NOTE_TITLE = "Read me"
+
+
+def _check(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"workflow variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return variant
+
+
+def api_graph(variant: str = "t2v") -> dict:
+    """The API graph (``/prompt`` format, with ``_meta.title``) of a workflow variant; a fresh copy."""
+    _check(variant)
+    g = {
+        "1": {"class_type": "RollingForcingModelLoader", "_meta": {"title": "Rolling Forcing Model Loader"},
+              "inputs": {"model_name": MODEL_FILES["dit"]["name"], "weights": "ema", "weight_dtype": "default",
+                         "attention": "auto"}},
+        "2": {"class_type": "CLIPLoader", "_meta": {"title": "Load umT5-XXL (type wan)"},
+              "inputs": {"clip_name": MODEL_FILES["clip"]["name"], "type": "wan", "device": "default"}},
+        "3": {"class_type": "CLIPTextEncode", "_meta": {"title": "Prompt"},
+              "inputs": {"text": PROMPT, "clip": ["2", 0]}},
+        "4": {"class_type": "VAELoader", "_meta": {"title": "Load Wan2.1 VAE"},
+              "inputs": {"vae_name": MODEL_FILES["vae"]["name"]}},
+        "5": {"class_type": "RollingForcingCacheConfig", "_meta": {"title": "Rolling Forcing Cache Settings"},
+              "inputs": {"sink_blocks": 1, "span_frames": 21, "capacity_frames": 24, "context_noise": 0.0,
+                         "update_mode": "reference", "rope_mode": "reference", "schedule": "rolling"}},
+        "6": {"class_type": "RollingForcingSampler", "_meta": {"title": "Rolling Forcing Sampler"},
+              "inputs": {"model": ["1", 0], "positive": ["3", 0], "width": 832, "height": 480, "seconds": 5.0,
+                         "seed": 42, "steps": "1000,800,600,400,200", "cache": ["5", 0], "vae": ["4", 0],
+                         "stream_to_disk": False, "filename_prefix": "video/rolling_forcing", "keep_seconds": 5.0}},
+        "7": {"class_type": "CreateVideo", "_meta": {"title": "Create Video"},
+              "inputs": {"images": ["6", 1], "fps": 16.0}},
+        "8": {"class_type": "SaveVideo", "_meta": {"title": "Save Video"},
+              "inputs": {"video": ["7", 0], "filename_prefix": "video/rolling_forcing", "format": "auto",
+                         "codec": "auto"}},
+    }
+    if variant == "story":
+        g["3"] = {"class_type": "RollingForcingPromptStory",
+                  "_meta": {"title": "Prompt Story (one timed prompt per line)"},
+                  "inputs": {"clip": ["2", 0], "text": STORY, "transition": "blend", "blend_seconds": 1.5,
+                             "recache": "none"}}
+        g["6"]["inputs"]["seconds"] = 12.0
+        g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_story"
+    elif variant == "long_stream":
+        g["6"]["inputs"].update(seconds=600.0, stream_to_disk=True, filename_prefix="video/rolling_forcing_long",
+                                keep_seconds=5.0)
+        g["7"]["_meta"]["title"] = "Create Video (the last keep_seconds)"
+        g["8"]["_meta"]["title"] = "Save the tail (the whole video is already in output/video)"
+        g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_long_tail"
+    elif variant == "upscale":
+        g["9"] = {"class_type": "ImageScaleBy", "_meta": {"title": "Upscale 1.5x (to 1248x720)"},
+                  "inputs": {"image": ["6", 1], "upscale_method": "lanczos", "scale_by": 1.5}}
+        g["7"]["inputs"]["images"] = ["9", 0]
+        g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_upscaled"
+    return g
+
+
+def note_text(variant: str = "t2v") -> str:
+    """The text of the workflow's "Read me" Note node."""
+    return NOTE_TEXT + _NOTE_EXTRA[_check(variant)]
+
+
+def model_properties(node_type: str) -> list[dict] | None:
+    """``properties.models`` of a loader node (what the frontend offers to download); None for other nodes."""
+    kind = LOADER_MODELS.get(node_type)
+    if kind is None:
+        return None
+    f = MODEL_FILES[kind]
+    return [{"name": f["name"], "url": f["url"], "directory": f["directory"]}]
+
+
+def add_model_properties(ui: dict) -> dict:
+    """Give each loader node of a UI workflow its ``properties.models`` (mutates and returns ``ui``)."""
+    for node in ui["nodes"]:
+        models = model_properties(node["type"])
+        if models is not None:
+            node.setdefault("properties", {})["models"] = models
+    return ui
+
+
+def workflow_id(name: str) -> str:
+    """The stable id of a shipped workflow (the UI JSON's ``id``)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"rolling-forcing/workflows/{name}"))
+
+
+def thumbnail_name(name: str) -> str:
+    """The template browser's thumbnail of a workflow file: a JPEG with the same stem."""
+    return Path(name).stem + ".jpg"
+
+
+def load_workflow(name: str, folder: Path = WORKFLOWS) -> dict:
+    """A workflow file (UI format) as a dict."""
+    return json.loads((Path(folder) / name).read_text())
+
+
+def dump_workflow(ui: dict) -> str:
+    """A UI workflow as the files in workflows/ are written (2-space JSON, final newline)."""
+    return json.dumps(ui, indent=2) + "\n"
+

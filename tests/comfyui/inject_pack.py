@@ -1,0 +1,112 @@
+"""Test-only ComfyUI nodes, so that no text encoder or VAE download is needed.
+
+ComfyUI loads this file like a single-file custom node (``nodes.load_custom_node(<this file>)``
+in-process; copied into the server's ``custom_nodes`` folder): ``RFTestPromptEmbedding`` (a seeded
+random umT5-like CONDITIONING), ``RFTestRandomWanVAE`` (a real ``comfy.sd.VAE`` of the Wan2.1
+architecture with seeded random weights) and ``RFTestClip`` (stands in for the umT5-XXL CLIP: each
+text -> a seeded random embedding). ``random_wan_vae_state_dict`` is also imported directly
+(``tests.comfyui.inject_pack``) by tests and ``bench/gpu_smoke.py``.
+
+ComfyUI is imported only when a node runs, so the module imports anywhere.
+"""
+import math
+
+import torch
+
+TEXT_TOKENS = 512  # umT5 sequence length (padding zeroed past the prompt's tokens)
+TEXT_DIM = 4096  # umT5-XXL width
+
+
+def random_conditioning(seed: int = 1, tokens: int = 12, width: int = TEXT_DIM, batch: int = 1) -> list:
+    """CONDITIONING like CLIPTextEncode with the wan text encoder: [[c, {"pooled_output": None}]], c
+    [batch, 512, width] with ``tokens`` seeded random rows and zeros after them."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.zeros(batch, TEXT_TOKENS, width)
+    c[:, :tokens] = torch.randn(batch, tokens, width, generator=g)
+    return [[c, {"pooled_output": None}]]
+
+
+def random_wan_vae_state_dict(seed: int = 0) -> dict:
+    """Seeded random weights for ComfyUI's Wan2.1 VAE (``comfy.ldm.wan.vae.WanVAE``, the layout of
+    ``wan_2.1_vae.safetensors``): normal weights scaled by 1/sqrt(fan-in), unit RMS-norm gains, zero biases."""
+    from comfy.ldm.wan.vae import WanVAE
+
+    with torch.device("meta"):
+        shapes = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                        temperal_downsample=[False, True, True]).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in shapes.items():
+        if k.endswith("gamma"):
+            sd[k] = torch.ones(v.shape)
+        elif k.endswith("bias"):
+            sd[k] = torch.zeros(v.shape)
+        else:
+            fan_in = math.prod(v.shape[1:]) if v.ndim > 1 else 1
+            sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(fan_in)
+    return sd
+
+
+class RFTestPromptEmbedding:
+    """A random prompt embedding instead of umT5-XXL (see ``random_conditioning``)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 1}), "tokens": ("INT", {"default": 12, "min": 1}),
+                             "width": ("INT", {"default": TEXT_DIM, "min": 1})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, seed, tokens, width):
+        return (random_conditioning(seed, tokens, width),)
+
+
+_VAES = {}
+
+
+class RFTestRandomWanVAE:
+    """A real comfy.sd.VAE (Wan2.1 architecture) with seeded random weights, one per seed."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, seed):
+        import comfy.sd
+
+        if seed not in _VAES:
+            _VAES[seed] = comfy.sd.VAE(sd=random_wan_vae_state_dict(seed))
+        return (_VAES[seed],)
+
+
+class _FakeWanClip:
+    """Stands in for the umT5-XXL CLIP object: each prompt text -> a seeded random [1, 512, 4096] embedding."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return random_conditioning(sum(map(ord, tokens)))
+
+
+class RFTestClip:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self):
+        return (_FakeWanClip(),)
+
+
+NODE_CLASS_MAPPINGS = {"RFTestPromptEmbedding": RFTestPromptEmbedding, "RFTestRandomWanVAE": RFTestRandomWanVAE,
+                       "RFTestClip": RFTestClip}
