@@ -7,6 +7,8 @@
   LATENT, IMAGE, info.
 * ``RollingForcingPromptStory`` / ``RollingForcingPromptSegment`` (prompt_nodes.py): timed prompts ->
   ROLLING_FORCING_PROMPTS.
+* ``RollingForcingChunkedSampler`` / ``RollingForcingAppendVideo`` (chunk_nodes.py): a long video one
+  chunk per queue run, through any IMAGE chain, appended to one MP4.
 
 ComfyUI-free modules, tested without ComfyUI: ``run_inputs.py`` (sizes, lengths, step list and cache
 settings -> RollingConfig, conditioning), ``model_options.py`` (what the loader offers and records),
@@ -22,12 +24,14 @@ import importlib.util
 if importlib.util.find_spec("comfy_api") is not None:
     from .comfy_adapter import ComfyExtension, io
     from .cache_config import RollingForcingCacheConfig
+    from .chunk_nodes import RollingForcingAppendVideo, RollingForcingChunkedSampler
     from .model_loader import RollingForcingModelLoader
     from .prompt_nodes import RollingForcingPromptSegment, RollingForcingPromptStory
     from .sampler import RollingForcingSampler
 
     NODES = [RollingForcingModelLoader, RollingForcingCacheConfig, RollingForcingSampler,
-             RollingForcingPromptStory, RollingForcingPromptSegment]
+             RollingForcingPromptStory, RollingForcingPromptSegment, RollingForcingChunkedSampler,
+             RollingForcingAppendVideo]
 
     class RollingForcingExtension(ComfyExtension):
         """Lists the pack's nodes for ComfyUI (returned by the pack's ``comfy_entrypoint``)."""

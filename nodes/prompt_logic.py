@@ -40,14 +40,15 @@ def parse_time(text) -> float:
     return t
 
 
-def story_segments(text: str, encode, *, transition="cut", blend_s=0.0, recache="none") -> PromptList:
+def story_segments(text: str, encode, *, transition="cut", blend_s=0.0, recache="none",
+                   applies="entering") -> PromptList:
     """Parse a story (``TIME prompt`` lines, or the timed syntax ``a[5s] | b[10s#]``: see
     :func:`rolling.prompts.parse_story`) and encode each prompt with ``encode(prompt) -> tensor``. A
     ``#`` hard cut makes that prompt's transition ``cut`` whatever ``transition`` says."""
-    check_options(transition, blend_s, recache)
+    check_options(transition, blend_s, recache, applies)
     items, _ = parse_story(text)
     return PromptList(tuple(TimedPrompt(it.start, encode(it.prompt), it.prompt[:60],
-                                        "cut" if it.cut else transition, blend_s, recache, it.source)
+                                        "cut" if it.cut else transition, blend_s, recache, it.source, applies)
                             for it in items))
 
 

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from ..rolling.prompts import MAX_BLEND_SECONDS, RECACHE, TRANSITIONS, parse_story
+from ..rolling.prompts import APPLIES, MAX_BLEND_SECONDS, RECACHE, TRANSITIONS, parse_story
 from . import comfy_adapter as comfy
 from .names import CATEGORY
 from .run_inputs import conditioning_tensor
@@ -18,9 +18,13 @@ RollingForcingPrompts = io.Custom(PROMPTS_TYPE)
 
 _TRANSITION_TIP = ("How the prompt takes over: cut = from its first block on; blend = the text moves from the "
                    "previous prompt to this one block by block over blend_seconds.")
-_RECACHE_TIP = ("At the switch, re-encode the cached frames under the new prompt (as LongLive does): none; "
-                "keep_sink = same scene, new action; reanchor = scene change, the new segment's first block "
-                "becomes the attention sink.")
+_RECACHE_TIP = ("At the switch, re-encode the recent cached frames under the new prompt (LongLive's KV re-cache): "
+                "none; keep_sink = same scene, new action (the sink keeps its keys); new_sink = the oldest "
+                "re-encoded frames become the sink (LongLive global_sink off); reanchor = scene change: like "
+                "keep_sink, then the new segment's first block becomes the sink.")
+_APPLIES_TIP = ("Which blocks the new prompt conditions: entering = only blocks from the switch time on (each block "
+                "keeps the prompt it started under); window = from the switch on, every block still being denoised "
+                "(LongLive-style: the whole window turns at once, the switch shows up to 3 s earlier).")
 
 
 def _options():
@@ -29,6 +33,7 @@ def _options():
         io.Float.Input("blend_seconds", default=2.0, min=0.0, max=MAX_BLEND_SECONDS, step=0.25,
                        tooltip="Length of a blend in seconds (rounded to whole 0.75 s blocks); ignored for cut."),
         io.Combo.Input("recache", options=list(RECACHE), default="none", tooltip=_RECACHE_TIP),
+        io.Combo.Input("applies", options=list(APPLIES), default="entering", optional=True, tooltip=_APPLIES_TIP),
     ]
 
 
@@ -61,23 +66,24 @@ class RollingForcingPromptSegment(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start=None, transition=None, blend_seconds=None, recache=None, **_):
+    def validate_inputs(cls, start=None, transition=None, blend_seconds=None, recache=None, applies="entering", **_):
         try:
             if start is not None:
                 parse_time(start)
             if transition is not None and recache is not None and blend_seconds is not None:
-                check_options(transition, blend_seconds, recache)
+                check_options(transition, blend_seconds, recache, applies)
         except ValueError as e:
             return str(e)
         return True
 
     @classmethod
-    def execute(cls, conditioning, start, transition, blend_seconds, recache, label="", previous=None) -> io.NodeOutput:
-        check_options(transition, blend_seconds, recache)
+    def execute(cls, conditioning, start, transition, blend_seconds, recache, label="", previous=None,
+                applies="entering") -> io.NodeOutput:
+        check_options(transition, blend_seconds, recache, applies)
         prev = previous or PromptList()
         n = len(prev.segments) + 1
         seg = TimedPrompt(parse_time(start), conditioning_tensor(conditioning), label or f"segment {n}",
-                          transition, blend_seconds, recache, f"segment {n} ({label or start})")
+                          transition, blend_seconds, recache, f"segment {n} ({label or start})", applies)
         return io.NodeOutput(prev.add(seg))
 
 
@@ -110,22 +116,22 @@ class RollingForcingPromptStory(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, transition=None, blend_seconds=None, recache=None, **_):
+    def validate_inputs(cls, text=None, transition=None, blend_seconds=None, recache=None, applies="entering", **_):
         try:
             if text is not None:
                 parse_story(text)
             if transition is not None and recache is not None and blend_seconds is not None:
-                check_options(transition, blend_seconds, recache)
+                check_options(transition, blend_seconds, recache, applies)
         except ValueError as e:
             return str(e)
         return True
 
     @classmethod
-    def execute(cls, clip, text, transition, blend_seconds, recache) -> io.NodeOutput:
+    def execute(cls, clip, text, transition, blend_seconds, recache, applies="entering") -> io.NodeOutput:
         if clip is None:
             raise ValueError("no text encoder connected: use CLIPLoader with type wan (umT5-XXL)")
 
         def encode(prompt: str):
             return conditioning_tensor(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
         return io.NodeOutput(story_segments(text, encode, transition=transition, blend_s=blend_seconds,
-                                            recache=recache))
+                                            recache=recache, applies=applies))

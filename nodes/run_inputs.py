@@ -192,3 +192,17 @@ def run_summary(length, cfg, width: int, height: int, batch: int, seed: int, att
     if est is not None:
         lines.append(f"memory: {est.describe()}")
     return "\n".join(lines)
+
+
+def check_run_name(name: str) -> str:
+    """A chunked run's name: a relative path under the output folder (``video/long_01``), whose video is
+    ``<name>.mp4`` and whose state folder is ``<name>.run``. Raises ValueError saying what is allowed."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("run_name must name the video, e.g. video/rolling_forcing_long")
+    name = name.strip().replace("\\", "/")
+    parts = name.split("/")
+    if name.startswith("/") or ":" in name or any(p in ("", ".", "..") for p in parts) or \
+            not all(c.isalnum() or c in "-_. " for p in parts for c in p):
+        raise ValueError(f"run_name {name!r} must be a relative path inside the output folder made of letters, "
+                         "digits, '-', '_', '.', ' ' and '/' (no '..', no drive or leading '/')")
+    return name

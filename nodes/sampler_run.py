@@ -6,7 +6,9 @@ The node (nodes/sampler.py) only declares inputs and formats outputs; this modul
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import traceback
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..rolling.attention import get_attention
+from ..rolling.chunks import ChunkedRun, tensor_digest
 from ..rolling.forward import WanArch
 from ..rolling.outputs import RunOutputs, collect
 from ..rolling.preview import latent_to_rgb
@@ -50,6 +53,7 @@ class SamplerRun:
     attention: str
     estimate: memory.MemoryEstimate
     summary: str
+    chunk_blocks: int | None = None  # made in chunks of this many blocks (see chunks())
 
     @classmethod
     def prepare(cls, model, positive, width, height, seconds, seed, steps, cache, vae, stream_to_disk, keep_seconds,
@@ -105,8 +109,11 @@ class SamplerRun:
 
     @property
     def frames_kept(self) -> int:
-        return self.length.frames if not self.stream_to_disk else \
-            Timeline(self.cfg.frames_per_block).frames(self.keep_blocks)
+        """Decoded frames the run holds in RAM at most."""
+        tl = Timeline(self.cfg.frames_per_block)
+        if self.chunk_blocks is not None:  # a chunk, plus the few frames an earlier chunk left to it
+            return tl.frames(self.chunk_blocks) + 4 * self.cfg.frames_per_block
+        return self.length.frames if not self.stream_to_disk else tl.frames(self.keep_blocks)
 
     def load(self) -> None:
         """Fail early if the run cannot fit, then load the models (ComfyUI offloads others as needed)."""
@@ -130,23 +137,48 @@ class SamplerRun:
         log.info("[RollingForcing] streaming to %s", path)
         return writer, file, subfolder
 
-    def run(self, writer=None, on_progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def chunks(self, directory: str, chunk_seconds: float) -> ChunkedRun:
+        """This run made in chunks of ``chunk_seconds`` (rounded up to whole blocks), kept in ``directory``;
+        the host memory check then counts one chunk's frames."""
+        if not (isinstance(chunk_seconds, (int, float)) and 0 < chunk_seconds < float("inf")):
+            raise ValueError(f"chunk_seconds must be a positive number of seconds, got {chunk_seconds!r}")
+        block_s = Timeline(self.cfg.frames_per_block).block_seconds
+        self.chunk_blocks = max(1, math.ceil(chunk_seconds / block_s - 1e-9))
+        return ChunkedRun(directory, self.length.blocks, self.chunk_blocks, self.fingerprint())
+
+    def fingerprint(self) -> dict:
+        """What makes two runs the same video (a saved chunk state only continues its own run)."""
+        dm = comfy.diffusion_model(self.model)
+        prompt = [self.prompt] if isinstance(self.prompt, torch.Tensor) else [s.context for s in self.prompt.segments]
+        timing = "" if isinstance(self.prompt, torch.Tensor) else describe(self.prompt, Timeline(self.cfg.frames_per_block))
+        return {"model": tensor_digest(dm.patch_embedding.weight, dm.head.head.weight), "prompt": tensor_digest(*prompt),
+                "prompt_timing": timing, "size": [self.width, self.height], "seed": self.seed, "config": repr(self.cfg),
+                "dtype": str(self.dtype), "attention": self.attention, "vae": self.vae is not None}
+
+    def run(self, writer=None, on_progress=None, chunks: ChunkedRun | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sample block by block: (raw LATENT [B, 16, F, h, w], frames [B, T, H, W, 3] or None); with a
-        writer only the last ``keep_blocks`` blocks are returned. ``on_progress(done, total, image, label)``."""
+        writer only the last ``keep_blocks`` blocks are returned. ``on_progress(done, total, image)``.
+
+        With ``chunks``, only the next chunk of that chunked run is made: the run continues from the
+        chunk's saved state and, unless it is the last chunk, saves the state after it (the returned
+        frames are those the decoder completed in this chunk; the rest come with the next)."""
         cfg, fb = self.cfg, self.cfg.frames_per_block
         dm = comfy.diffusion_model(self.model)
         arch = WanArch.of(dm)
         lat_h, lat_w = self.height // 8, self.width // 8
         skip = 0 if self.prefix is None else -(-self.prefix.shape[2] // fb)
         batch = self.prompt.shape[0] if isinstance(self.prompt, torch.Tensor) else 1
+        chunk = chunks.next_chunk() if chunks is not None else None
+        if chunks is not None and chunk is None:
+            raise RuntimeError(f"the chunked run in {chunks.dir} is complete")
+        state = chunks.load_state(chunk.index) if chunk is not None else None
+        first, blocks = (skip, self.length.blocks) if chunk is None else (chunk.first, chunk.blocks)
         fmt = comfy.wan21_latent_format()
-        out = RunOutputs(blocks=self.length.blocks, frames_per_block=fb, latent_shape=(batch, arch.out_dim, lat_h, lat_w),
-                         frame_hw=(self.height, self.width) if self.vae is not None else None, writer=writer,
-                         keep_blocks=self.keep_blocks, device=comfy.intermediate_device())
         sampler = RollingSampler(dm, cfg, height=lat_h, width=lat_w, batch=batch, device=self.model.load_device,
                                  dtype=self.dtype, attention=self.attention, seed=self.seed,
                                  on_call=comfy.check_interrupt, param_cast=comfy.param_cast)
-        decoder = stream = None
+        decoder = stream = out = None
         segment = [None]
 
         def on_block(blk, frames):
@@ -158,19 +190,33 @@ class SamplerRun:
                 image = preview_image(blk.latents, frames)
                 if isinstance(self.prompt, PromptSchedule):
                     label(image, blk.segment)
-                on_progress(blk.index - skip + 1, self.length.blocks, image)
+                on_progress(blk.index - first + 1, blocks, image)
             comfy.check_interrupt()
         try:
             decoder = StreamingVAEDecoder(self.vae) if self.vae is not None else None
-            stream = sampler.stream(self.prompt, self.length.blocks + skip, prefix=self.prefix)
+            num_frames = None
+            if decoder is not None and chunk is not None:
+                if state is not None:
+                    decoder.load_state_dict(state["decoder"])
+                num_frames = decoder.frames_after((chunk.first + chunk.blocks) * fb, chunk.last) - decoder.frames
+            out = RunOutputs(blocks=blocks, frames_per_block=fb, latent_shape=(batch, arch.out_dim, lat_h, lat_w),
+                             frame_hw=(self.height, self.width) if self.vae is not None else None, writer=writer,
+                             keep_blocks=self.keep_blocks, device=comfy.intermediate_device(), num_frames=num_frames)
+            stream = sampler.stream(self.prompt, self.length.blocks + skip, prefix=self.prefix,
+                                    resume=None if state is None else state["sampler"])
             # on a GPU the VAE decodes block n on its own stream while the DiT samples block n + 1
-            collect(stream, out, first_block=skip, to_output=fmt.process_out, decoder=decoder, on_block=on_block,
-                    overlap=torch.device(self.model.load_device).type == "cuda")
+            collect(itertools.islice(stream, blocks), out, first_block=first, to_output=fmt.process_out,
+                    decoder=decoder, on_block=on_block, overlap=torch.device(self.model.load_device).type == "cuda",
+                    flush=chunk is None or chunk.last)
+            if chunk is not None and not chunk.last:
+                chunks.save_state(chunk.index + 1, {"sampler": sampler.save_state(copy=False),
+                                                    "decoder": decoder.state_dict() if decoder is not None else {}})
             return out.result()
         except BaseException as e:
             # drop what the traceback would keep alive until ComfyUI is done with it (KV cache, activations)
             traceback.clear_frames(e.__traceback__)
-            out.clear()
+            if out is not None:
+                out.clear()
             raise
         finally:
             if stream is not None:
@@ -180,6 +226,7 @@ class SamplerRun:
                 decoder.close()
             if writer is not None:
                 writer.close()  # also on cancel or error: the file keeps every finished block and stays playable
+            sampler = decoder = stream = out = None  # the traceback must not keep the KV cache or text K/V alive
             comfy.soft_empty_cache()
 
 

@@ -108,6 +108,43 @@ class StreamingVAEDecoder:
         self.frames += frames.shape[1]
         return frames
 
+    def frames_after(self, latent_frames: int, final: bool) -> int:
+        """Video frames returned in total once ``latent_frames`` latent frames were received (and, with
+        ``final``, flushed): the latent frames filling whole decoder chunks give 1 frame (the first)
+        and 4 (every later one)."""
+        done = latent_frames
+        if not final:
+            done = 0 if latent_frames < self.first else \
+                self.first + (latent_frames - self.first) // self.step * self.step
+        return 0 if done == 0 else 1 + 4 * (done - 1)
+
+    def state_dict(self) -> dict:
+        """The decoder's whole state on the CPU (the causal feature cache, whose entries are tensors, None
+        or the marker string ``"Rep"``, and the held-back frames): loading it into a new decoder over
+        the same VAE continues the video exactly. Loads with ``torch.load(weights_only=True)``."""
+        if self._feat_map is None:
+            raise RuntimeError("StreamingVAEDecoder was closed")
+
+        def cpu(t):
+            return t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
+        return {"feat_map": [cpu(t) for t in self._feat_map], "held": cpu(self._held),
+                "last": cpu(self._last),
+                "latent_frames": self.latent_frames, "frames": self.frames, "chunking": [self.first, self.step]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["chunking"]) != [self.first, self.step] or len(state["feat_map"]) != len(self._feat_map):
+            raise ValueError("the saved decoder state comes from another VAE or ComfyUI version (decode chunking "
+                             f"{state['chunking']}, {len(state['feat_map'])} cache slots; now {[self.first, self.step]}, "
+                             f"{len(self._feat_map)}); start the run over")
+        dev = dict(device=self.vae.device)
+
+        def load(t):
+            return t.to(**dev, copy=True) if isinstance(t, torch.Tensor) else t
+        self._feat_map = [load(t) for t in state["feat_map"]]
+        self._held = load(state["held"])
+        self.latent_frames, self.frames = int(state["latent_frames"]), int(state["frames"])
+        self._last = load(state["last"])
+
     def close(self) -> None:
         self._feat_map = None
         self._held = None

@@ -28,10 +28,13 @@ class RunOutputs:
 
     With ``writer`` (anything with ``write(frames [T, H, W, 3])``), frames go to it and the outputs keep
     the last ``keep_blocks`` blocks; otherwise everything is kept in buffers preallocated on ``device``
-    (frames only when ``frame_hw`` is given)."""
+    (frames only when ``frame_hw`` is given; ``num_frames`` of them, by default those of ``blocks``
+    whole blocks from the start of a video, but a chunk of a longer video gets the frames its decoder
+    completes)."""
 
     def __init__(self, *, blocks: int, frames_per_block: int, latent_shape: tuple[int, int, int, int],
-                 frame_hw: tuple[int, int] | None = None, writer=None, keep_blocks: int | None = None, device="cpu"):
+                 frame_hw: tuple[int, int] | None = None, writer=None, keep_blocks: int | None = None, device="cpu",
+                 num_frames: int | None = None):
         b, c, h, w = latent_shape
         self.fb, self.blocks, self.writer, self.device = frames_per_block, blocks, writer, torch.device(device)
         self.keep_blocks = blocks if writer is None else max(1, min(keep_blocks or blocks, blocks))
@@ -41,7 +44,8 @@ class RunOutputs:
         self.frames: deque | torch.Tensor | None = None
         if frame_hw is not None:
             self.frames = deque() if writer is not None else \
-                torch.empty((b, pixel_frames(blocks * self.fb), *frame_hw, 3), dtype=torch.float32, device=self.device)
+                torch.empty((b, pixel_frames(blocks * self.fb) if num_frames is None else num_frames, *frame_hw, 3),
+                            dtype=torch.float32, device=self.device)
         self.frames_done = 0
 
     def add_latents(self, block: int, raw: torch.Tensor) -> None:

@@ -392,6 +392,7 @@ class TimedPrompt:
     blend_seconds: float = 0.0
     recache: str = "none"
     source: str = ""
+    applies: str = "entering"
 
     def __post_init__(self):
         name = self.source or (repr(self.label) if self.label else "prompt")
@@ -400,11 +401,13 @@ class TimedPrompt:
                 not 0 <= t <= MAX_STORY_SECONDS:
             raise ValueError(f"{name}: start time must be a number of seconds from 0 to {MAX_STORY_SECONDS:g}, "
                              f"got {t!r}")
-        check_options(self.transition, self.blend_seconds, self.recache)
+        check_options(self.transition, self.blend_seconds, self.recache, self.applies)
 
 
-def check_options(transition: str, blend_seconds: float, recache: str) -> None:
+def check_options(transition: str, blend_seconds: float, recache: str, applies: str = "entering") -> None:
     """The transition options of a prompt (node inputs): ValueError naming the input and what is allowed."""
+    if not isinstance(applies, str) or applies not in APPLIES:
+        raise ValueError(f"applies must be one of {', '.join(APPLIES)}, got {applies!r}")
     if not isinstance(transition, str) or transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
     if not isinstance(recache, str) or recache not in RECACHE:
@@ -445,7 +448,7 @@ def schedule_from_times(items: list[TimedPrompt], timeline: Timeline | None = No
         first = not segs
         segs.append(PromptSegment(b, it.context, "cut" if first else it.transition,
                                   0 if first else tl.blocks_in(it.blend_seconds), "none" if first else it.recache,
-                                  it.label))
+                                  it.label, "entering" if first else it.applies))
     for w in warns:
         warnings.warn(w, stacklevel=2)
     return PromptSchedule(segs), warns
@@ -457,6 +460,7 @@ def describe(schedule: PromptSchedule, timeline: Timeline | None = None) -> str:
     for s in schedule.segments:
         extra = "" if s.start_block == 0 else f", {s.transition}" + (
             f" over {s.blend_blocks} block(s)" if s.transition == "blend" else "") + (
-            f", recache {s.recache}" if s.recache != "none" else "")
+            f", recache {s.recache}" if s.recache != "none" else "") + (
+            ", applies to the window" if s.applies == "window" else "")
         lines.append(f"{tl.clock(tl.block_start(s.start_block))} (block {s.start_block}{extra}) {s.label}")
     return "\n".join(lines)

@@ -357,14 +357,18 @@ class RollingSampler:
         return torch.cat([blk.latents for blk in self.stream(context, num_blocks, **kw)], dim=2)
 
     # ------------------------------------------------------------------ save / resume
-    def save_state(self, full: bool = True) -> dict:
+    def save_state(self, full: bool = True, copy: bool = True) -> dict:
         """Snapshot between two forwards: after a block was yielded, or after the run stopped inside a
         forward (a cancel): the state is then the one before that forward, which a resume re-runs.
 
         ``full=True`` includes the KV cache: resuming equals an uninterrupted run exactly.
         ``full=False`` keeps only latents (cached clean blocks, noisy blocks in flight; megabytes) and
         rebuilds the cache with clean-cache passes on resume: an approximation, since the cached keys
-        of a block depend on history that is no longer kept."""
+        of a block depend on history that is no longer kept.
+
+        ``copy=False`` hands out the live KV cache buffers on their device instead of CPU copies, for a
+        ``torch.save`` right away (before the run goes on): it then copies one buffer at a time to the
+        host, so saving needs host memory for the largest buffer, not for the whole cache."""
         st = self.state
         if st is None:
             raise RuntimeError("no run in progress: call save_state while iterating stream()")
@@ -378,7 +382,8 @@ class RollingSampler:
         cs = self.cache.state_dict()
         out["book"] = {k: cs[k] for k in ("ring", "sink", "targets")}
         if full:
-            out["cache"] = {k: cs[k].detach().cpu().clone() for k in ("sink_k", "sink_v", "ring_k", "ring_v")}
+            out["cache"] = {k: cs[k].detach().cpu().clone() if copy else cs[k].detach()
+                            for k in ("sink_k", "sink_v", "ring_k", "ring_v")}
         return out
 
     def _restore(self, s: dict, num_blocks: int | None) -> RunState:
@@ -389,13 +394,13 @@ class RollingSampler:
                              f"saved size {s['size']}, now {[self.batch, self.height, self.width]}")
         dev = dict(device=self.device, dtype=self.dtype)
 
-        def load(d):
-            return {int(b): t.to(**dev) for b, t in d.items()}
+        def load(d):  # own copies (a state may be memory-mapped from its file)
+            return {int(b): t.to(**dev, copy=True) for b, t in d.items()}
         st = self.state = RunState(num_blocks, int(s["first_block"]), int(s["next"]), load(s["noisy"]),
                                    load(s["kept"]))
         clean, book = load(s["clean"]), s["book"]
         if s.get("full") and "cache" in s:
-            self.cache.load_state_dict({**{k: v.to(**dev) for k, v in s["cache"].items()}, **book})
+            self.cache.load_state_dict({**s["cache"], **book})  # copied into the cache's buffers
             st.clean = clean
             return st
         # small state: rebuild the cache, the (re-anchored) sink first, then the ring, oldest first

@@ -36,7 +36,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 __all__ = ["StreamingVideoWriter", "VideoWriteError", "NotEnoughDiskSpaceError", "estimate_video_bytes",
-           "check_free_space", "probe_frame_count"]
+           "check_free_space", "probe_frame_count", "concat_videos"]
 
 #: Assumed H.264 size in bits per pixel per frame, used for disk-space checks. CRF 18 with x264
 #: ``veryfast``/``zerolatency`` typically needs 0.1-0.4 bits/pixel on generated video; 1.0 is a
@@ -100,6 +100,47 @@ def probe_frame_count(path: str | os.PathLike) -> int:
                 frames += 1
     except (av.error.FFmpegError, IndexError):  # unreadable or no video stream; or a truncated tail
         pass
+    return frames
+
+
+def concat_videos(parts: list, path: str | os.PathLike) -> int:
+    """Join MP4 files of one video size and codec setting (e.g. the chunks of a chunked run, each
+    from :class:`StreamingVideoWriter`) into ``path`` without re-encoding: packets are copied with
+    their timestamps shifted by the frames before them. Written to a temporary file renamed over
+    ``path``, so ``path`` is always a whole video (the previous one until the new one is complete).
+    Returns the number of frames; raises ValueError naming the first part that does not match."""
+    path = os.path.abspath(os.fspath(path))
+    if not parts:
+        raise ValueError("no video parts to join")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    frames, first = 0, None
+    try:
+        with av.open(tmp, "w", format="mp4") as out:
+            for part in parts:
+                with av.open(os.fspath(part)) as inp:
+                    s = inp.streams.video[0]
+                    shape = (s.codec_context.name, s.codec_context.width, s.codec_context.height, s.time_base,
+                             s.average_rate or s.guessed_rate, bytes(s.codec_context.extradata or b""))
+                    if first is None:
+                        first, ostream = shape, out.add_stream_from_template(s)
+                    elif shape != first:
+                        raise ValueError(f"{part} is {shape[1]}x{shape[2]} {shape[0]} at {shape[4]} fps, the first "
+                                         f"part {first[1]}x{first[2]} {first[0]} at {first[4]} fps (or other codec "
+                                         "settings); every part of one video needs the same size and settings")
+                    shift = round(frames / (shape[4] * s.time_base))
+                    n = 0
+                    for pkt in inp.demux(s):
+                        if pkt.dts is None:  # the demuxer's end-of-stream marker
+                            continue
+                        pkt.pts, pkt.dts, pkt.stream = pkt.pts + shift, pkt.dts + shift, ostream
+                        out.mux(pkt)
+                        n += 1
+                    frames += n
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return frames
 
 

@@ -23,6 +23,7 @@ WORKFLOW_FILES = {
     "rolling_forcing_upscale.json": "upscale",
     "rolling_forcing_prompt_story.json": "story",
     "rolling_forcing_long_stream.json": "long_stream",
+    "rolling_forcing_long_upscale.json": "long_upscale",
 }
 VARIANTS = tuple(WORKFLOW_FILES.values())
 
@@ -37,8 +38,13 @@ MODEL_FILES = {
     "dit": {"name": "rolling_forcing_dmd.pt", "directory": "diffusion_models",
             "url": "https://huggingface.co/TencentARC/RollingForcing/resolve/main/checkpoints/rolling_forcing_dmd.pt"},
 }
+# models only some workflows load
+UPSCALE_MODEL = {"name": "RealESRGAN_x2.pth", "directory": "upscale_models",
+                 "url": "https://huggingface.co/ai-forever/Real-ESRGAN/resolve/main/RealESRGAN_x2.pth"}
 # loader node type -> the MODEL_FILES entry it loads
-LOADER_MODELS = {"CLIPLoader": "clip", "VAELoader": "vae", "RollingForcingModelLoader": "dit"}
+LOADER_MODELS = {"CLIPLoader": "clip", "VAELoader": "vae", "RollingForcingModelLoader": "dit",
+                 "UpscaleModelLoader": "upscale"}
+ALL_MODEL_FILES = {**MODEL_FILES, "upscale": UPSCALE_MODEL}
 
 PROMPT = ("A red fox trotting through fresh snow in a sunlit birch forest, its breath visible in the cold air, "
           "cinematic tracking shot, soft golden morning light, shallow depth of field")
@@ -72,7 +78,20 @@ NOTE_LONG = ("\n\nLong stream: the sampler writes each decoded block to output/v
              "the last keep_seconds in RAM, so 10 minutes or an hour run with bounded memory. The whole file shows "
              "in the sampler's preview when the run ends; Save Video stores just the tail.")
 
-_NOTE_EXTRA = {"t2v": "", "upscale": NOTE_UPSCALE, "story": NOTE_STORY, "long_stream": NOTE_LONG}
+LONG_STORY = ("0:00 a red fox trotting through fresh snow in a sunlit birch forest, cinematic tracking shot\n"
+              "0:40 the fox reaches a frozen lake and walks out onto the ice, wide shot, snow falling")
+
+NOTE_LONG_UPSCALE = (
+    "\n\nLong video, upscaled 2x (2 minutes, the prompt changes at 0:40): queue this workflow 12 times (Queue "
+    "button's batch count 12, or auto-queue; the sampler's info says how many chunks). Each run makes the next 10 s "
+    "chunk, upscales it with the model (1664x960) and appends it to output/video/rolling_forcing_long_upscaled.mp4, "
+    "so RAM holds one chunk (~0.8 GB of frames at 832x480, ~3 GB after the 2x upscale) however long the video. The "
+    "chunks continue each other exactly (the same video as one long run). A closed or crashed ComfyUI continues at "
+    "the first chunk not yet appended. Upscale model: models/upscale_models/RealESRGAN_x2.pth (ai-forever/"
+    "Real-ESRGAN); any 2x model works, or Upscale Image By for no download.")
+
+_NOTE_EXTRA = {"t2v": "", "upscale": NOTE_UPSCALE, "story": NOTE_STORY, "long_stream": NOTE_LONG,
+               "long_upscale": NOTE_LONG_UPSCALE}
 NOTE_TITLE = "Read me"
 
 
@@ -97,7 +116,7 @@ def api_graph(variant: str = "t2v") -> dict:
               "inputs": {"vae_name": MODEL_FILES["vae"]["name"]}},
         "5": {"class_type": "RollingForcingCacheConfig", "_meta": {"title": "Rolling Forcing Cache Settings"},
               "inputs": {"sink_blocks": 1, "span_frames": 21, "capacity_frames": 24, "context_noise": 0.0,
-                         "update_mode": "reference", "rope_mode": "reference", "schedule": "rolling"}},
+                         "update_mode": "fused", "rope_mode": "reference", "schedule": "rolling"}},
         "6": {"class_type": "RollingForcingSampler", "_meta": {"title": "Rolling Forcing Sampler"},
               "inputs": {"model": ["1", 0], "positive": ["3", 0], "width": 832, "height": 480, "seconds": 5.0,
                          "seed": 42, "steps": "1000,800,600,400,200", "cache": ["5", 0], "vae": ["4", 0],
@@ -112,7 +131,7 @@ def api_graph(variant: str = "t2v") -> dict:
         g["3"] = {"class_type": "RollingForcingPromptStory",
                   "_meta": {"title": "Prompt Story (one timed prompt per line)"},
                   "inputs": {"clip": ["2", 0], "text": STORY, "transition": "blend", "blend_seconds": 1.5,
-                             "recache": "none"}}
+                             "recache": "none", "applies": "entering"}}
         g["6"]["inputs"]["seconds"] = 12.0
         g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_story"
     elif variant == "long_stream":
@@ -126,7 +145,28 @@ def api_graph(variant: str = "t2v") -> dict:
                   "inputs": {"image": ["6", 1], "upscale_method": "lanczos", "scale_by": 1.5}}
         g["7"]["inputs"]["images"] = ["9", 0]
         g["8"]["inputs"]["filename_prefix"] = "video/rolling_forcing_upscaled"
+    elif variant == "long_upscale":
+        g["3"] = {"class_type": "RollingForcingPromptStory", "_meta": {"title": "Prompt Story (change at 0:40)"},
+                  "inputs": {"clip": ["2", 0], "text": LONG_STORY, "transition": "blend", "blend_seconds": 1.5,
+                             "recache": "none", "applies": "entering"}}
+        g["6"] = {"class_type": "RollingForcingChunkedSampler",
+                  "_meta": {"title": "Rolling Forcing Chunked Sampler (queue once per chunk)"},
+                  "inputs": {"model": ["1", 0], "positive": ["3", 0], "vae": ["4", 0], "width": 832, "height": 480,
+                             "seconds": 120.0, "chunk_seconds": 10.0, "seed": 42,
+                             "run_name": "video/rolling_forcing_long_upscaled", "steps": "1000,800,600,400,200",
+                             "cache": ["5", 0], "advance": "after append"}}
+        g["7"] = {"class_type": "UpscaleModelLoader", "_meta": {"title": "Load Upscale Model (2x)"},
+                  "inputs": {"model_name": UPSCALE_MODEL["name"]}}
+        g["8"] = {"class_type": "ImageUpscaleWithModel", "_meta": {"title": "Upscale the chunk 2x"},
+                  "inputs": {"upscale_model": ["7", 0], "image": ["6", 0]}}
+        g["9"] = {"class_type": "RollingForcingAppendVideo", "_meta": {"title": "Rolling Forcing Append Video"},
+                  "inputs": {"images": ["8", 0], "chunk": ["6", 1], "update_every_chunk": True, "fps": 0.0}}
     return g
+
+
+def output_node(variant: str = "t2v") -> str:
+    """The id of the workflow's output node (Save Video; Append Video in the chunked workflow)."""
+    return "9" if _check(variant) == "long_upscale" else "8"
 
 
 def note_text(variant: str = "t2v") -> str:
@@ -139,7 +179,7 @@ def model_properties(node_type: str) -> list[dict] | None:
     kind = LOADER_MODELS.get(node_type)
     if kind is None:
         return None
-    f = MODEL_FILES[kind]
+    f = ALL_MODEL_FILES[kind]
     return [{"name": f["name"], "url": f["url"], "directory": f["directory"]}]
 
 

@@ -79,7 +79,7 @@ def test_frontend_loads_workflow_without_missing_nodes(server, object_info, page
     assert canonical(res["api"], info) == canonical(W.api_graph(variant), info)
     # and it passes ComfyUI's own prompt validation (in-process ComfyUI with the same pack and files)
     ok, err, outputs, node_errors = env.validate(res["api"])
-    assert ok and outputs == ["8"], (err, node_errors)
+    assert ok and outputs == [W.output_node(variant)], (err, node_errors)
 
 
 def test_frontend_api_to_ui_roundtrip(page, object_info):

@@ -37,6 +37,19 @@ def test_story_to_schedule():
     assert not warns
 
 
+def test_story_applies_reaches_the_core_schedule():
+    """``applies=window`` (the new prompt conditions every block still in the window) travels from the
+    node options into the core's segments (not the first one) and shows in the info text."""
+    pl = _pack()
+    prompts = pl.story_segments("0:00 a street\n0:20 rain", enc, recache="new_sink", applies="window")
+    sched, _ = pl.build_schedule(prompts, 30.0, lambda c: c)
+    assert [s.applies for s in sched.segments] == ["entering", "window"]
+    assert sched.segments[1].recache == "new_sink"
+    assert "recache new_sink, applies to the window" in pl.describe(sched)
+    with pytest.raises(ValueError, match="applies must be one of entering, window, got 'all'"):
+        pl.story_segments("0:00 a", enc, applies="all")
+
+
 def test_schedule_errors_name_the_segment():
     pl = _pack()
     ident = lambda c: c  # noqa: E731

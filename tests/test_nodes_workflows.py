@@ -61,6 +61,8 @@ def _source(ui, node, input_name):
 
 def test_graph_shape(workflow):
     name, variant, ui = workflow
+    if variant == "long_upscale":
+        return check_long_upscale_shape(ui)
     types = sorted(n["type"] for n in ui["nodes"])
     prompt_node = "RollingForcingPromptStory" if variant == "story" else "CLIPTextEncode"
     outs = ["CreateVideo", "SaveVideo"]
@@ -85,6 +87,25 @@ def test_graph_shape(workflow):
     assert _by_type(ui, "CLIPLoader")["widgets_values"][1] == "wan"
 
 
+def check_long_upscale_shape(ui):
+    """Chunked sampler (2 min, chunks of 10 s, a prompt change at 0:40) -> 2x upscale model -> Append Video."""
+    types = sorted(n["type"] for n in ui["nodes"])
+    assert types == sorted(["CLIPLoader", "RollingForcingPromptStory", "Note", "RollingForcingCacheConfig",
+                            "RollingForcingModelLoader", "RollingForcingChunkedSampler", "VAELoader",
+                            "UpscaleModelLoader", "ImageUpscaleWithModel", "RollingForcingAppendVideo"])
+    sampler = _by_type(ui, "RollingForcingChunkedSampler")
+    assert _source(ui, sampler, "positive")[0]["type"] == "RollingForcingPromptStory"
+    assert "\n0:40 " in _by_type(ui, "RollingForcingPromptStory")["widgets_values"][0]
+    up = _by_type(ui, "ImageUpscaleWithModel")
+    assert _source(ui, up, "image") == (sampler, 0)
+    assert _source(ui, up, "upscale_model")[0]["type"] == "UpscaleModelLoader"
+    append = _by_type(ui, "RollingForcingAppendVideo")
+    assert _source(ui, append, "images") == (up, 0) and _source(ui, append, "chunk") == (sampler, 1)
+    api = W.api_graph("long_upscale")["6"]["inputs"]
+    assert (api["seconds"], api["chunk_seconds"]) == (120.0, 10.0)
+    assert "queue this workflow 12 times" in W.note_text("long_upscale")
+
+
 def test_widget_values_match_the_api_graph(workflow):
     _, variant, ui = workflow
     api = W.api_graph(variant)
@@ -96,6 +117,12 @@ def test_widget_values_match_the_api_graph(workflow):
         cache["sink_blocks"], cache["span_frames"], cache["capacity_frames"], cache["context_noise"],
         cache["update_mode"], cache["rope_mode"], cache["schedule"]]
     s = api["6"]["inputs"]
+    if variant == "long_upscale":
+        wv = _by_type(ui, "RollingForcingChunkedSampler")["widgets_values"]
+        # no control_after_generate widget: a seed that changed after each queue would end the run
+        assert wv == [s["width"], s["height"], s["seconds"], s["chunk_seconds"], s["seed"], s["run_name"],
+                      s["steps"], s["advance"]]
+        return
     wv = _by_type(ui, "RollingForcingSampler")["widgets_values"]
     assert wv[:4] == [s["width"], s["height"], s["seconds"], s["seed"]] and wv[5] == s["steps"]
     assert wv[4] in ("fixed", "randomize", "increment", "decrement")  # the seed's control widget
@@ -103,9 +130,13 @@ def test_widget_values_match_the_api_graph(workflow):
 
 def test_loaders_list_their_model_downloads(workflow):
     _, _, ui = workflow
+    present = {n["type"] for n in ui["nodes"]}
+    assert {"CLIPLoader", "VAELoader", "RollingForcingModelLoader"} <= present
     for typ, kind in W.LOADER_MODELS.items():
+        if typ not in present:
+            continue
         node = _by_type(ui, typ)
-        f = W.MODEL_FILES[kind]
+        f = W.ALL_MODEL_FILES[kind]
         assert node["properties"]["models"] == [{"name": f["name"], "url": f["url"], "directory": f["directory"]}]
         assert node["widgets_values"][0] == f["name"]
         assert f["url"].startswith("https://huggingface.co/") and f["url"].endswith("/" + f["name"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.workflow_source import MODEL_FILES
+from scripts.workflow_source import MODEL_FILES, UPSCALE_MODEL
 
 TINY_WAN = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, freq_dim=256, text_dim=4096)
 
@@ -78,9 +78,26 @@ def write_non_wan_checkpoint(path: Path) -> Path:
     return Path(path)
 
 
+def write_tiny_upscale_model(path: Path, seed: int = 0, features: int = 4) -> Path:
+    """A random 2x Real-ESRGAN *Compact* (SRVGGNetCompact) state dict, which ComfyUI's Load Upscale Model
+    (spandrel) recognises: 3x3 conv, PReLU, one more conv + PReLU, then 3 x 2^2 channels pixel-shuffled."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    f = features
+    sd = {"body.0.weight": torch.randn(f, 3, 3, 3, generator=g) * 0.1, "body.0.bias": torch.zeros(f),
+          "body.1.weight": torch.full((f,), 0.25),
+          "body.2.weight": torch.randn(f, f, 3, 3, generator=g) * 0.1, "body.2.bias": torch.zeros(f),
+          "body.3.weight": torch.full((f,), 0.25),
+          "body.4.weight": torch.randn(12, f, 3, 3, generator=g) * 0.1, "body.4.bias": torch.zeros(12)}
+    torch.save(sd, path)
+    return Path(path)
+
+
 def model_folders(base: Path) -> dict[str, Path]:
-    """diffusion_models / text_encoders / vae folders under ``base`` with the workflows' files: the DiT
-    is the tiny release checkpoint, the text encoder and VAE are empty placeholders (only listed)."""
+    """diffusion_models / text_encoders / vae / upscale_models folders under ``base`` with the workflows'
+    files: the DiT is the tiny release checkpoint, the upscale model a tiny 2x Compact, the text encoder
+    and VAE are empty placeholders (only listed)."""
     dirs = {}
     for kind in ("dit", "clip", "vae"):
         d = Path(base) / MODEL_FILES[kind]["directory"]
@@ -89,4 +106,8 @@ def model_folders(base: Path) -> dict[str, Path]:
     write_release_checkpoint(dirs["diffusion_models"] / MODEL_FILES["dit"]["name"])
     for kind in ("clip", "vae"):
         (dirs[MODEL_FILES[kind]["directory"]] / MODEL_FILES[kind]["name"]).write_bytes(b"")
+    up = Path(base) / UPSCALE_MODEL["directory"]
+    up.mkdir(parents=True, exist_ok=True)
+    dirs[UPSCALE_MODEL["directory"]] = up
+    write_tiny_upscale_model(up / UPSCALE_MODEL["name"])
     return dirs

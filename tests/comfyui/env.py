@@ -29,7 +29,8 @@ INJECT_PACK = Path(__file__).resolve().with_name("inject_pack.py")
 PACK_DIR_NAME = "rolling-forcing"  # the pack's folder name in custom_nodes/
 
 OUR_NODES = ("RollingForcingModelLoader", "RollingForcingCacheConfig", "RollingForcingSampler",
-             "RollingForcingPromptStory", "RollingForcingPromptSegment")
+             "RollingForcingPromptStory", "RollingForcingPromptSegment", "RollingForcingChunkedSampler",
+             "RollingForcingAppendVideo")
 
 NO_COMFYUI = "COMFYUI_PATH not set: these tests need a ComfyUI checkout (see scripts/setup_comfyui.sh)"
 
@@ -118,8 +119,10 @@ def comfyui(cpu: bool = True) -> dict:
 
     async def load():
         ok = await nodes.load_custom_node(str(ROOT), module_parent="custom_nodes")
-        ok_video = await nodes.load_custom_node(os.path.join(path, "comfy_extras", "nodes_video.py"),
-                                                module_parent="comfy_extras")
+        ok_video = True
+        for extra in ("nodes_video.py", "nodes_upscale_model.py"):  # the shipped workflows' stock nodes
+            ok_video &= await nodes.load_custom_node(os.path.join(path, "comfy_extras", extra),
+                                                     module_parent="comfy_extras")
         ok_inject = await nodes.load_custom_node(str(INJECT_PACK), module_parent="custom_nodes")
         return ok, ok_video, ok_inject
 
@@ -127,7 +130,7 @@ def comfyui(cpu: bool = True) -> dict:
     if not ok:
         raise RuntimeError("ComfyUI could not load the Rolling Forcing pack (see the log above)")
     if not (ok_video and ok_inject):
-        raise RuntimeError(f"ComfyUI could not load comfy_extras/nodes_video.py ({ok_video}) or {INJECT_PACK} "
+        raise RuntimeError(f"ComfyUI could not load comfy_extras/nodes_video.py or nodes_upscale_model.py ({ok_video}) or {INJECT_PACK} "
                            f"({ok_inject}) (see the log above)")
     pack_name = str(ROOT).replace(".", "_x_")  # how load_custom_node names a package folder's module
     _STATE.update(nodes=nodes, pack=sys.modules[pack_name], folder_paths=folder_paths, tmp=tmp, models=tmp / "models",

@@ -29,8 +29,9 @@ class ComfyServer:
     ``custom_nodes/rolling-forcing``) and waits until it serves our nodes; ``s.get`` / ``s.post`` /
     ``s.wait_history`` talk to it; ``s.log_text()`` is its log. Needs ``$COMFYUI_PATH``."""
 
-    def __init__(self, workdir: Path, startup_timeout: float = 300.0):
+    def __init__(self, workdir: Path, startup_timeout: float = 300.0, output: Path | None = None):
         self.dir = Path(workdir)
+        self.output = Path(output) if output is not None else self.dir / "output"  # shared by servers: a restart
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.timeout = startup_timeout
@@ -50,14 +51,15 @@ class ComfyServer:
         model_folders(models)
         cfg = self.dir / "extra_model_paths.yaml"
         cfg.write_text(f"rf_tests:\n  base_path: {models}\n  diffusion_models: diffusion_models\n"
-                       f"  text_encoders: text_encoders\n  vae: vae\n  custom_nodes: {custom}\n")
-        for d in ("output", "temp", "input", "user"):
+                       f"  text_encoders: text_encoders\n  vae: vae\n  upscale_models: upscale_models\n  custom_nodes: {custom}\n")
+        for d in ("temp", "input", "user"):
             (self.dir / d).mkdir(exist_ok=True)
+        self.output.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "2")
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--extra-model-paths-config", str(cfg),
-               "--output-directory", str(self.dir / "output"), "--temp-directory", str(self.dir / "temp"),
+               "--output-directory", str(self.output), "--temp-directory", str(self.dir / "temp"),
                "--input-directory", str(self.dir / "input"), "--user-directory", str(self.dir / "user"),
                "--database-url", "sqlite:///:memory:"]
         self.log = open(self.log_path, "wb")
@@ -86,6 +88,24 @@ class ComfyServer:
         if self.log is not None:
             self.log.close()
             self.log = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no cleanup runs)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def peak_rss(self) -> int:
+        """The server process's peak resident memory so far (VmHWM), bytes (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+    def reset_peak_rss(self) -> None:
+        """Start the peak (VmHWM) over from the current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
 
     def log_text(self) -> str:
         try:
