@@ -19,6 +19,7 @@ import pytest
 
 from scripts import workflow_source as W
 from tests.comfyui.graphs import ui_to_api
+from tests.comfyui.env import require_comfyui
 from tests.comfyui.server import ComfyServer
 
 pytestmark = pytest.mark.comfy
@@ -72,6 +73,7 @@ def run_all(server, api, chunks) -> list[str]:
 
 @pytest.fixture(scope="module")
 def object_info(tmp_path_factory):
+    require_comfyui()
     with ComfyServer(tmp_path_factory.mktemp("info")) as s:
         return s.get("/object_info", timeout=120)
 
