@@ -13,7 +13,7 @@
 ComfyUI-free modules, tested without ComfyUI: ``run_inputs.py`` (sizes, lengths, step list and cache
 settings -> RollingConfig, conditioning), ``model_options.py`` (what the loader offers and records),
 ``memory.py`` (the memory estimate and checks), ``prompt_logic.py`` (timed prompts between nodes).
-``sampler_run.py`` runs one sampler job; ``stream_decode.py`` is the block-by-block Wan2.1 VAE decoder;
+``sampler_run.py`` runs one sampler job; ``stream_decode.py`` is the block-by-block decoder (Wan2.1 VAE or TAEHV);
 ``comfy_adapter.py`` is the only door to ComfyUI's internals. Outside ComfyUI (no ``comfy_api``
 importable, e.g. in CI) this package imports without defining the extension.
 """

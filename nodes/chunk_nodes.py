@@ -81,7 +81,9 @@ class RollingForcingChunkedSampler(io.ComfyNode):
                     io.Conditioning.Input("positive", tooltip="The prompt, or a timed schedule (Prompt Story / "
                                                               "Segment) timed over the whole video."),
                     types=[io.Conditioning, RollingForcingPrompts]),
-                io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors): each chunk is decoded to IMAGE."),
+                io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors): each chunk is decoded to IMAGE. "
+                             "lighttaew2_1.safetensors (TAEHV, ComfyUI 0.33+) is faster at preview quality; "
+                             "keep the same VAE for all chunks of a video."),
                 io.Int.Input("width", default=run_inputs.DEFAULT_WIDTH, min=run_inputs.SIZE_MULTIPLE,
                              max=run_inputs.MAX_SIZE, step=run_inputs.SIZE_MULTIPLE, tooltip="Width, a multiple of 16."),
                 io.Int.Input("height", default=run_inputs.DEFAULT_HEIGHT, min=run_inputs.SIZE_MULTIPLE,

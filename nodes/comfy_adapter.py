@@ -17,6 +17,9 @@ Differences between ComfyUI versions handled here (0.3.64 of 2025-10, 0.33 of 20
 * ``VAE.decode`` returns ``vae_output_dtype()`` (0.33+) or float32 (0.3.x): :func:`vae_output_dtype`.
 * bare parameters are cast with ``comfy.model_management.cast_to`` (:func:`param_cast`), which also
   handles ComfyUI's quantized weight types.
+* TAEHV (``comfy.taesd.taehv``, the tiny video decoder that ``lighttaew2_1`` loads into): absent in
+  0.3.x (Load VAE then gives a VAE without a model), present from late 2025. Its layer classes and the
+  decoder's layout are read from the module (:func:`taehv_decoder_layers`), never assumed by version.
 """
 from __future__ import annotations
 
@@ -273,3 +276,65 @@ def vae_output_dtype(vae) -> torch.dtype:
     """The dtype ``VAE.decode`` returns frames in (``vae_output_dtype()`` in 2026 versions, else float32)."""
     fn = getattr(vae, "vae_output_dtype", None)
     return fn() if callable(fn) else torch.float32
+
+
+# ----------------------------------------------------------------------------- TAEHV (tiny video decoder)
+
+_TAEHV_NEED = "to decode with TAEHV (lighttaew2_1, the fast tiny video decoder)"
+
+
+def _taehv_module():
+    return _module("comfy.taesd.taehv", _TAEHV_NEED)
+
+
+def taehv_problem() -> ComfyUIIncompatible | None:
+    """Why the installed ComfyUI cannot run a TAEHV decoder (the error to raise), or None when it can:
+    the module ``comfy.taesd.taehv`` with its ``TAEHV`` model and ``MemBlock``/``TPool``/``TGrow`` layers."""
+    try:
+        mod = _taehv_module()
+        for name in ("TAEHV", "MemBlock", "TPool", "TGrow"):
+            _attr(mod, name, f"comfy.taesd.taehv.{name}", _TAEHV_NEED)
+    except ComfyUIIncompatible as e:
+        return e
+    return None
+
+
+def is_taehv(model) -> bool:
+    """Whether a VAE's ``first_stage_model`` is ComfyUI's TAEHV (False where ComfyUI has none)."""
+    if model is None or taehv_problem() is not None:
+        return False
+    return isinstance(model, _taehv_module().TAEHV)
+
+
+def taehv_decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The TAEHV decoder's layers in order, each with its kind: ``"mem"`` (``MemBlock``: called as
+    ``layer(x, past)`` with the previous frame's input), ``"pool"`` (``TPool``), ``"grow"`` (``TGrow``: one
+    input frame -> ``layer.stride`` frames) or ``"plain"`` (``layer(x)``)."""
+    problem = taehv_problem()
+    if problem is not None:
+        raise problem
+    mod = _taehv_module()
+    decoder = _attr(model, "decoder", "TAEHV.decoder", _TAEHV_NEED)
+    if not isinstance(decoder, torch.nn.Sequential):
+        raise missing(f"TAEHV decoder as a layer sequence (got {type(decoder).__name__})", _TAEHV_NEED)
+    kinds = ((mod.MemBlock, "mem"), (mod.TPool, "pool"), (mod.TGrow, "grow"))
+    out = []
+    for layer in decoder:
+        kind = next((k for cls, k in kinds if isinstance(layer, cls)), "plain")
+        if kind in ("pool", "grow") and not isinstance(getattr(layer, "stride", None), int):
+            raise missing(f"TAEHV {type(layer).__name__}.stride", _TAEHV_NEED)
+        out.append((kind, layer))
+    return out
+
+
+def taehv_process_in(model):
+    """The latent scaling ``TAEHV.decode`` applies first (identity for Wan2.1's lighttaew2_1)."""
+    fn = getattr(model, "process_in", None)
+    return fn if callable(fn) else (lambda x: x)
+
+
+def taehv_latent_format(model) -> str | None:
+    """The name of the latent format a TAEHV scales its input with (``HunyuanVideo`` for the float16
+    16-channel ``taehv`` file, as ComfyUI reads it), or None when it takes raw latents (lighttaew2_1)."""
+    fmt = getattr(model, "latent_format", None)
+    return None if fmt is None else getattr(fmt, "__name__", type(fmt).__name__)

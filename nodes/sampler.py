@@ -67,7 +67,9 @@ class RollingForcingSampler(io.ComfyNode):
                                                   "settings when not connected."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional Wan2.1 VAE (wan_2.1_vae.safetensors): each finished block is decoded "
-                                     "right away, shown as the preview and returned as IMAGE."),
+                                     "right away, shown as the preview and returned as IMAGE. Load VAE with "
+                                     "lighttaew2_1.safetensors (TAEHV, ComfyUI 0.33+) decodes many times faster "
+                                     "at preview quality."),
                 io.Boolean.Input("stream_to_disk", default=False, optional=True,
                                  tooltip="For long videos (needs the VAE): write each decoded block to an MP4 in the "
                                          "output folder as it is made (H.264, 16 fps, fragmented: playable even if "

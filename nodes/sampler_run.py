@@ -29,7 +29,7 @@ from . import comfy_adapter as comfy
 from . import memory, model_options, run_inputs
 from .model_loader import model_problem
 from .prompt_logic import PromptList, build_schedule
-from .stream_decode import StreamingVAEDecoder, check_wan21_vae
+from .stream_decode import check_wan21_vae, stream_decoder
 
 log = logging.getLogger("RollingForcing")
 
@@ -79,8 +79,7 @@ class SamplerRun:
         else:
             prompt = prepare_text(run_inputs.conditioning_tensor(positive))
             batch = prompt.shape[0]
-        if vae is not None:
-            check_wan21_vae(vae)
+        decoder_label = check_wan21_vae(vae) if vae is not None else None  # which decoder stream_decoder() picks
         if stream_to_disk and (vae is None or batch != 1):
             raise ValueError("stream_to_disk needs a VAE (Load VAE with wan_2.1_vae.safetensors) and one prompt "
                              f"(batch 1, got {batch}); connect the VAE or turn stream_to_disk off")
@@ -102,6 +101,8 @@ class SamplerRun:
             vae_weight_bytes=vae.patcher.model_size() if vae else 0)
         summary = run_inputs.run_summary(length, cfg, width, height, batch, seed, f"{attention} (runs {kernel})", dtype,
                                          est)
+        if decoder_label is not None:
+            summary += f"\ndecoder: {decoder_label}"
         if isinstance(prompt, PromptSchedule):
             summary += "\nprompt schedule (start snapped to the nearest block):\n" + describe(prompt, tl)
         return cls(model, prompt, cfg, length, width, height, seed, vae, stream_to_disk, keep_blocks, prefix, dtype,
@@ -193,7 +194,7 @@ class SamplerRun:
                 on_progress(blk.index - first + 1, blocks, image)
             comfy.check_interrupt()
         try:
-            decoder = StreamingVAEDecoder(self.vae) if self.vae is not None else None
+            decoder = stream_decoder(self.vae) if self.vae is not None else None  # Wan2.1 VAE or TAEHV
             num_frames = None
             if decoder is not None and chunk is not None:
                 if state is not None:

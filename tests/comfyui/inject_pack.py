@@ -3,9 +3,10 @@
 ComfyUI loads this file like a single-file custom node (``nodes.load_custom_node(<this file>)``
 in-process; copied into the server's ``custom_nodes`` folder): ``RFTestPromptEmbedding`` (a seeded
 random umT5-like CONDITIONING), ``RFTestRandomWanVAE`` (a real ``comfy.sd.VAE`` of the Wan2.1
-architecture with seeded random weights) and ``RFTestClip`` (stands in for the umT5-XXL CLIP: each
-text -> a seeded random embedding). ``random_wan_vae_state_dict`` is also imported directly
-(``tests.comfyui.inject_pack``) by tests and ``bench/gpu_smoke.py``.
+architecture with seeded random weights), ``RFTestRandomTAEHV`` (the same for ComfyUI's TAEHV tiny
+video decoder; only where ComfyUI has TAEHV) and ``RFTestClip`` (stands in for the umT5-XXL CLIP:
+each text -> a seeded random embedding). ``random_wan_vae_state_dict`` and ``random_taehv_state_dict``
+are also imported directly (``tests.comfyui.inject_pack``) by tests and ``bench/gpu_smoke.py``.
 
 ComfyUI is imported only when a node runs, so the module imports anywhere.
 """
@@ -47,6 +48,26 @@ def random_wan_vae_state_dict(seed: int = 0) -> dict:
     return sd
 
 
+def random_taehv_state_dict(seed: int = 0, latent_channels: int = 16, dtype: torch.dtype = torch.float32) -> dict:
+    """Seeded random weights for ComfyUI's TAEHV (``comfy.taesd.taehv.TAEHV``, the layout of
+    ``lighttaew2_1.safetensors`` for 16 latent channels; 48 is Wan2.2's, 32 HunyuanVideo 1.5's):
+    He-normal conv weights, small random biases, the last conv's bias 0.5 (frames mostly inside 0..1).
+    ``comfy.sd.VAE`` reads a float16 16-channel one as HunyuanVideo's taehv, any other dtype as lighttaew2_1."""
+    from comfy.taesd.taehv import TAEHV
+
+    with torch.device("meta"):
+        shapes = TAEHV(latent_channels=latent_channels).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in shapes.items():
+        if k.endswith("bias"):
+            sd[k] = torch.full(v.shape, 0.5) if k == "decoder.22.bias" else torch.randn(v.shape, generator=g) * 0.05
+        else:
+            fan_in = math.prod(v.shape[1:]) if v.ndim > 1 else 1
+            sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(1.0 / fan_in)
+    return {k: t.to(dtype) for k, t in sd.items()}
+
+
 class RFTestPromptEmbedding:
     """A random prompt embedding instead of umT5-XXL (see ``random_conditioning``)."""
 
@@ -85,6 +106,27 @@ class RFTestRandomWanVAE:
         return (_VAES[seed],)
 
 
+class RFTestRandomTAEHV:
+    """A real comfy.sd.VAE holding ComfyUI's TAEHV with seeded random weights (a stand-in for
+    lighttaew2_1.safetensors), one per (seed, latent channels)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "latent_channels": ("INT", {"default": 16, "min": 1})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, seed, latent_channels=16):
+        import comfy.sd
+
+        key = ("taehv", seed, latent_channels)
+        if key not in _VAES:
+            _VAES[key] = comfy.sd.VAE(sd=random_taehv_state_dict(seed, latent_channels))
+        return (_VAES[key],)
+
+
 class _FakeWanClip:
     """Stands in for the umT5-XXL CLIP object: each prompt text -> a seeded random [1, 512, 4096] embedding."""
 
@@ -109,4 +151,4 @@ class RFTestClip:
 
 
 NODE_CLASS_MAPPINGS = {"RFTestPromptEmbedding": RFTestPromptEmbedding, "RFTestRandomWanVAE": RFTestRandomWanVAE,
-                       "RFTestClip": RFTestClip}
+                       "RFTestRandomTAEHV": RFTestRandomTAEHV, "RFTestClip": RFTestClip}
