@@ -201,15 +201,6 @@ def prepare_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = Non
     return sd
 
 
-def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast floating tensors in place (entry by entry: the old tensor is dropped as soon as replaced)."""
-    if dtype is not None:
-        for k in list(sd):
-            if sd[k].is_floating_point() and sd[k].dtype != dtype:
-                sd[k] = sd[k].to(dtype)
-    return sd
-
-
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Raise CheckpointError listing missing / unexpected keys and shape mismatches."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
