@@ -10,6 +10,33 @@ counts, then every ``--json-every`` timed blocks with ``"complete": false`` and 
 (``timed_blocks_done``), and at the end with ``"complete": true``; a killed soak leaves its last
 snapshot. Arguments are checked first (:func:`check_args`): a bad ``--device``, ``--height`` or
 ``--width`` is a ValueError saying what is allowed.
+
+``--compile`` (:func:`compile_probe`) runs the window forward through
+:class:`rolling.forward.CompiledForward` (``fullgraph=True``, as the sampler compiles it) with
+``--compile-backend`` eager / aot_eager / inductor, on an endless stream: the warm-up blocks
+(:func:`warmup_blocks`: the cache fills, every ramp-up layout compiles its graph) and then one full
+turn of the ring and one more block of steady windows. It reports ``graph_breaks`` (whole run),
+``recompiles`` (frame compiles during the steady blocks: 0 means no steady window or ring position
+compiled anything), ``compiled_graphs`` and the reasons Dynamo gives (:class:`rolling.probes.DynamoCounters`).
+
+``--proxies`` (:func:`cpu_proxies`) measures what a CPU can say about real-time streaming:
+
+* ``kernel_launches_per_block``: aten ops dispatched per steady block that launch a kernel,
+  counted with a ``TorchDispatchMode`` (:class:`rolling.probes.OpProbe`) on an eager run;
+* ``write_path_host_ms_per_frame``: host-thread time per frame of handing decoded float frames to
+  the video writer (``RunOutputs.add_frames`` -> ``StreamingVideoWriter.write``: float -> uint8, copy,
+  queue), at the bench's frame size and at 832x480 (``..._832x480``), with the uint8 conversion alone
+  and the encoder's own time beside it;
+* ``decode_overlap_fraction``: sampling alone (t_sample), decoding the same latents alone
+  (t_decode) and both through ``collect(overlap=True)`` (the decoder on the worker thread,
+  t_overlapped): (t_sample + t_decode - t_overlapped) / t_decode clipped to [0, 1];
+  ``decode_overlap_fraction_serial`` is the same with ``overlap=False`` (about 0). The decoder is the toy
+  VAE's streaming decoder (``rolling.toy.vae``, random weights: its cost does not depend on them;
+  a stand-in conv decoder where the toy world is missing); ``decode_to_sample_time_ratio`` says how
+  heavy it is next to the DiT. On a CPU the overlap is bounded by the cores the two threads share:
+  ``cpu_threads`` (torch intra-op threads) and ``cpu_cores`` are reported with it.
+
+These are CPU proxies (counts, host-side costs, concurrency structure), not GPU speed.
 """
 from __future__ import annotations
 
@@ -19,18 +46,26 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from collections import Counter
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RollingConfig, WanConfig
 from .model import build_model
-from .probes import OpProbe
+from .outputs import RunOutputs, collect
+from .probes import DynamoCounters, OpProbe
 from .sampler import RollingSampler
 from .timing import pixel_frames
 
-SIZES = {"tiny": (16, 24), "1.3B": (60, 104), "14B": (60, 104)}
+#: bench-only model presets besides WanConfig's: "medium" is a CPU-sized Wan (head_dim 128 and the
+#: umT5 text width of the release, 4 layers of width 512)
+BENCH_MODELS = {"medium": WanConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=4, freq_dim=256, text_dim=4096)}
+SIZES = {"tiny": (16, 24), "medium": (24, 40), "1.3B": (60, 104), "14B": (60, 104)}
+COMPILE_BACKENDS = ("eager", "aot_eager", "inductor")
 DTYPES = {"cpu": torch.float32, "meta": torch.bfloat16, "cuda": torch.bfloat16}
 MAX_LATENT = 1024  # latent rows / columns (8192 pixels)
 JSON_EVERY = 100  # default: timed blocks between JSON snapshots
@@ -55,10 +90,21 @@ def check_device(name) -> torch.device:
     return dev
 
 
+def wan_config(name: str) -> WanConfig:
+    """The model preset ``name``: :data:`BENCH_MODELS` or :meth:`WanConfig.preset`."""
+    return BENCH_MODELS[name] if name in BENCH_MODELS else WanConfig.preset(name)
+
+
 def check_args(a) -> tuple[int, int]:
     """Validate the bench arguments; returns the latent (height, width)."""
     if a.config not in SIZES:
         raise ValueError(f"--config must be one of {sorted(SIZES)}, got {a.config!r}")
+    backend = getattr(a, "compile_backend", "inductor")
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"--compile-backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
+    for flag in ("compile", "proxies"):
+        if getattr(a, flag, False) and torch.device(a.device).type == "meta":
+            raise ValueError(f"--{flag} runs the model: use --device cpu or cuda, not meta")
     if isinstance(a.blocks, bool) or not isinstance(a.blocks, int) or a.blocks < 2:
         raise ValueError(f"--blocks must be at least 2 (first block + steady state), got {a.blocks}")
     every = getattr(a, "json_every", JSON_EVERY)
@@ -102,7 +148,7 @@ def _context(text_dim: int, device, dtype):
 
 def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: int = 9) -> dict:
     """Exact counts on the meta device. Steady window = the work producing block ``steady_block``."""
-    wc = WanConfig.preset(cfg_name)
+    wc = wan_config(cfg_name)
     model = build_model(wc, device="meta", dtype=torch.bfloat16)
     calls = []
     s = RollingSampler(model, rc, height=hw[0], width=hw[1], device="meta", dtype=torch.bfloat16,
@@ -124,6 +170,7 @@ def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: 
             total_syncs += probe.num_syncs
             if blk.index == steady_block:
                 steady = {"flops": fc.get_total_flops(), "syncs": probe.num_syncs, "ops": probe.ops,
+                          "launches": probe.launches,
                           "f64": sum(probe.f64.values()), "forwards": s.forwards - f0, "sync_ops": dict(probe.syncs),
                           "frames": sum(c.num_frames for c in calls[c0:])}
     tpf = (hw[0] // 2) * (hw[1] // 2)
@@ -133,7 +180,8 @@ def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: 
             "steady_query_tokens_per_block": steady["frames"] * tpf,
             "flops_per_block": steady["flops"], "flops_per_frame": steady["flops"] / (4 * rc.frames_per_block),
             "host_syncs_per_window": steady["syncs"], "host_syncs_total": total_syncs,
-            "aten_ops_per_window": steady["ops"], "float64_tensors_per_window": steady["f64"],
+            "aten_ops_per_window": steady["ops"], "kernel_launches_per_window": steady["launches"],
+            "float64_tensors_per_window": steady["f64"],
             "count_blocks": blocks}
 
 
@@ -184,11 +232,7 @@ def time_run(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, att
     """Time ``blocks`` blocks on ``device``. ``progress(partial)`` is called every ``every`` blocks with the
     figures so far (outside the timed spans)."""
     dev = check_device(device)
-    dtype = DTYPES.get(dev.type, torch.bfloat16)
-    wc = WanConfig.preset(cfg_name)
-    model = build_model(wc, device=dev, dtype=dtype, seed=0)
-    s = RollingSampler(model, rc, height=hw[0], width=hw[1], device=dev, dtype=dtype, attention=attention, seed=0)
-    ctx = _context(wc.text_dim, dev, dtype)
+    s, ctx = make_sampler(cfg_name, rc, hw, dev, attention)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -233,11 +277,351 @@ def time_run(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, att
     return out
 
 
+def make_sampler(cfg_name: str, rc: RollingConfig, hw, dev: torch.device, attention: str, compile=False):
+    """(sampler, text context) of a seeded random model of preset ``cfg_name`` on ``dev``."""
+    dtype = DTYPES.get(dev.type, torch.bfloat16)
+    wc = wan_config(cfg_name)
+    model = build_model(wc, device=dev, dtype=dtype, seed=0)
+    s = RollingSampler(model, rc, height=hw[0], width=hw[1], device=dev, dtype=dtype, attention=attention, seed=0,
+                       compile=compile)
+    return s, _context(wc.text_dim, dev, dtype)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def machine_info() -> dict:
+    """What bounds CPU concurrency: torch's intra-op threads, the cores this process may use, the load."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"cpu_threads": torch.get_num_threads(), "cpu_interop_threads": torch.get_num_interop_threads(),
+            "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable, "load_average_1min": load,
+            "cpu_name": platform.processor() or platform.machine()}
+
+
+def warmup_blocks(rc: RollingConfig) -> int:
+    """Blocks before the steady state: until the KV cache is full (capacity / frames per block blocks)
+    and one more, whose window is the first of the steady layout (it compiles the steady graph)."""
+    return -(-rc.capacity_frames // rc.frames_per_block) + 1
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: str = "sdpa",
+                  backend: str = "inductor", mode: str | None = None, steady: int | None = None) -> dict:
+    """Graph breaks, recompiles and graphs of the compiled window forward (see the module docstring).
+
+    An endless stream: :func:`warmup_blocks` blocks, then ``steady`` (default: the ring's slots + 1, so
+    every ring position is visited and one wraps) steady blocks. Resets ``torch._dynamo`` first, so the
+    figures do not depend on what the process compiled before. ``fullgraph=True``: a graph break stops
+    the run; it is then counted (``graph_breaks`` >= 1, reasons in ``graph_break_reasons``) and the
+    error is in ``compile_error``."""
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
+    dev = check_device(device)
+    torch._dynamo.reset()
+    s, ctx = make_sampler(cfg_name, rc, hw, dev, attention, compile={"backend": backend, "mode": mode})
+    warm, steady = warmup_blocks(rc), steady or rc.ring_blocks + 1
+    total, after = DynamoCounters(), None
+    graphs, times, error, warm_s = [], [], None, None
+    it = s.stream(ctx, None)
+    t0 = last = time.perf_counter()
+    try:
+        for blk in it:
+            _sync(dev)
+            now = time.perf_counter()
+            times.append(now - last)
+            graphs.append(s.compiled.graphs)
+            if blk.index == warm - 1:
+                warm_s, after = now - t0, DynamoCounters()
+            if blk.index == warm + steady - 1:
+                break
+            last = time.perf_counter()
+    except Exception as e:  # noqa: BLE001 - a graph break under fullgraph, a backend failure: reported
+        lines = str(e).strip().splitlines()
+        error = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    finally:
+        it.close()
+    whole = total.since()
+    st = after.since() if after is not None else None
+    steady_times = times[warm:]
+    return {
+        "compile_backend": backend, "compile_mode": mode, "compile_fullgraph": True,
+        "graph_breaks": whole["graph_breaks"], "graph_break_reasons": whole["graph_break_reasons"],
+        "recompiles": None if st is None else st["frame_compiles"],
+        "recompile_reasons": None if st is None else st["recompile_reasons"],
+        "compiled_graphs": s.compiled.graphs, "dynamo_graphs": whole["graphs"],
+        "dynamo_frame_compiles": whole["frame_compiles"], "dynamo_recompiles_warmup": whole["recompiles"] - (
+            st["recompiles"] if st else 0),
+        "compile_warmup_blocks": warm, "compile_steady_blocks": len(steady_times),
+        "compiled_graphs_per_block": graphs,
+        "compile_warmup_s": warm_s,
+        "compiled_steady_block_ms_median": statistics.median(steady_times) * 1e3 if steady_times else None,
+        "compile_error": error,
+        "compile_definitions": {
+            "graph_breaks": "Dynamo graph breaks plus untraceable code (fullgraph=True makes the first an error) "
+                            "over the whole run (torch._dynamo.utils.counters graph_break + unimplemented)",
+            "recompiles": "frame compiles during the steady blocks (after the warm-up blocks, across a full "
+                          "turn of the ring): any is a recompile of the window forward",
+            "compiled_graphs": "CompiledForward graphs: one per window layout (ramp-up layouts, then one steady)",
+            "dynamo_recompiles_warmup": "Dynamo's recompiles during the warm-up: each new layout is a new "
+                                        "cache entry of the same code object, expected",
+        },
+    }
+
+
+# --------------------------------------------------------------------------- kernel launches
+
+
+def launch_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: str = "sdpa",
+                 steady: int = 2) -> dict:
+    """Kernel launches (and all aten ops, host syncs) per steady block of an eager run, counted with a
+    TorchDispatchMode (:class:`rolling.probes.OpProbe`) over everything between two yielded blocks."""
+    dev = check_device(device)
+    s, ctx = make_sampler(cfg_name, rc, hw, dev, attention)
+    warm = warmup_blocks(rc)
+    probe = OpProbe(dev.type)
+    rows, ops = [], Counter()
+    it = s.stream(ctx, None)
+    with probe:
+        try:
+            for blk in it:
+                if blk.index >= warm:
+                    rows.append((probe.launches, probe.ops, probe.num_syncs))
+                    ops = Counter({str(k): v for k, v in probe.by_op.items()})
+                probe.reset()
+                if len(rows) == steady:
+                    break
+        finally:
+            it.close()
+    launches = [r[0] for r in rows]
+    return {"kernel_launches_per_block": launches[0], "kernel_launches_per_block_steady": launches,
+            "kernel_launches_per_pixel_frame": launches[0] / (4 * rc.frames_per_block),
+            "aten_ops_per_block": rows[0][1], "host_syncs_per_block": rows[0][2],
+            "kernel_launches_top_ops": dict(ops.most_common(10)),
+            "kernel_launch_count_method": "TorchDispatchMode (rolling.probes.OpProbe) on an eager run on "
+                                          f"{dev.type}: every dispatched aten op except views, allocations and "
+                                          "metadata ops, per steady block (blocks from the warm-up on)"}
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class FrameDecoder:
+    """``collect``'s decoder over a streaming latent decoder that returns [B, 3, T, H, W] in [-1, 1]:
+    frames [B, T, H, W, 3] in 0..1 (contiguous, as a VAE node hands them on), no autograd."""
+
+    def __init__(self, streaming):
+        self.streaming = streaming
+        self._empty = torch.empty(1, 0, 1, 1, 3)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            px = self.streaming.decode(latents.float())
+            frames = px.permute(0, 2, 3, 4, 1).add(1).mul_(0.5).contiguous()
+        self._empty = frames[:, :0]
+        return frames
+
+    def flush(self) -> torch.Tensor:
+        return self._empty
+
+
+def standin_net(channels: int = 16, width: int = 64) -> nn.Module:
+    """Used where ``rolling.toy`` is missing: per latent frame a 3x3 conv (channels -> width), SiLU, a 1x1
+    conv to 4 frames x 3 colours x 8 x 8, a x8 pixel shuffle and tanh."""
+    return nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, 4 * 3 * 64, 1),
+                         nn.PixelShuffle(8), nn.Tanh())
+
+
+class StandInDecoder:
+    """Streaming decode with :func:`standin_net`: [B, C, k, h, w] -> [B, 3, frames, 8h, 8w] in [-1, 1],
+    1 frame for the first latent frame of a video, 4 for every other (the VAE's frame count)."""
+
+    def __init__(self, net: nn.Module):
+        self.net, self.latent_frames = net, 0
+
+    def decode(self, chunk: torch.Tensor) -> torch.Tensor:
+        b, _, k, h, w = chunk.shape
+        px = self.net(chunk.transpose(1, 2).flatten(0, 1)).view(b, k, 4, 3, 8 * h, 8 * w)
+        px = px.permute(0, 3, 1, 2, 4, 5).flatten(2, 3)  # [B, 3, 4k, H, W]
+        if self.latent_frames == 0:
+            px = px[:, :, 3:]
+        self.latent_frames += k
+        return px
+
+
+def toy_decoder_factory(device="cpu", channels: int = 16, seed: int = 0, standin: bool = False):
+    """(``make()`` -> a fresh :class:`FrameDecoder`, description): the toy VAE's streaming decoder with
+    random weights (the same cost as trained ones), or :class:`StandInDecoder` (``standin``, or without
+    ``rolling.toy``). Seeded; the global RNG is left as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        ToyVAE = None
+        if not standin:
+            try:
+                from .toy.vae import ToyVAE, VAEConfig
+            except ImportError:
+                pass
+        if ToyVAE is None:
+            net = standin_net(channels).to(device).eval().requires_grad_(False)
+            return (lambda: FrameDecoder(StandInDecoder(net)),
+                    "bench StandInDecoder (3x3 conv 16->64, 1x1 conv, x8 pixel shuffle per latent frame)")
+        cfg = VAEConfig(latent_channels=channels)
+        vae = ToyVAE(cfg).to(device).eval().requires_grad_(False)
+        return (lambda: FrameDecoder(vae.streaming_decoder()),
+                f"rolling.toy.vae.ToyVAE streaming decoder, random weights, widths {list(cfg.widths)} (3x3 convs, "
+                "a residual block, three x2 pixel-shuffle stages; per latent frame, no cache)")
+    finally:
+        torch.random.set_rng_state(state)
+
+
+# --------------------------------------------------------------------------- decode overlap
+
+
+def overlap_probe(make_stream, make_decoder, *, blocks: int, frames_per_block: int, latent_shape, frame_hw,
+                  device="cpu") -> dict:
+    """Wall times of sampling alone, decoding alone, and both through :func:`rolling.outputs.collect` with
+    the decoder on the worker thread (``overlap=True``) and on the sampling thread (``overlap=False``).
+
+    ``make_stream()``: a fresh iterator of ``blocks`` finished blocks (``.index``, ``.latents``);
+    ``make_decoder()``: a fresh decoder (``decode``/``flush``, frames [B, T, H, W, 3]); ``latent_shape``
+    (B, C, h, w); ``frame_hw`` (H, W). Decode-only decodes the latents the sampling-only run produced
+    and hands the frames to a :class:`RunOutputs` too, as the worker does. Returns (figures, the
+    decode-only outputs)."""
+    dev = torch.device(device)
+
+    def outputs(frames: bool):
+        return RunOutputs(blocks=blocks, frames_per_block=frames_per_block, latent_shape=latent_shape,
+                          frame_hw=frame_hw if frames else None)
+
+    def run(decoder, overlap):
+        out = outputs(decoder is not None)
+        _sync(dev)
+        t0 = time.perf_counter()
+        collect(make_stream(), out, decoder=decoder, overlap=overlap)
+        _sync(dev)
+        return time.perf_counter() - t0, out
+
+    t_sample, sampled = run(None, False)
+    fb = frames_per_block
+    dec, decoded = make_decoder(), outputs(True)
+    lat = [sampled.latents[:, :, b * fb:(b + 1) * fb].to(dev) for b in range(blocks)]
+    _sync(dev)
+    t0 = time.perf_counter()
+    for x in lat:
+        decoded.add_frames(dec.decode(x))
+    decoded.add_frames(dec.flush())
+    _sync(dev)
+    t_decode = time.perf_counter() - t0
+    t_overlap, over = run(make_decoder(), True)
+    t_serial, serial = run(make_decoder(), False)
+
+    def fraction(t):
+        return min(1.0, max(0.0, (t_sample + t_decode - t) / t_decode)) if t_decode > 0 else 0.0
+    same = bool(torch.equal(over.frames, decoded.frames) and torch.equal(serial.frames, decoded.frames)
+                and torch.equal(over.latents, sampled.latents))
+    return {"decode_overlap_fraction": fraction(t_overlap), "decode_overlap_fraction_serial": fraction(t_serial),
+            "t_sample_s": t_sample, "t_decode_s": t_decode, "t_overlapped_s": t_overlap, "t_serial_s": t_serial,
+            "decode_to_sample_time_ratio": t_decode / t_sample if t_sample > 0 else None,
+            "overlap_blocks": blocks, "overlap_frames": int(decoded.frames_done), "overlap_outputs_equal": same,
+            "overlap_definitions": {
+                "decode_overlap_fraction": "(t_sample + t_decode - t_overlapped) / t_decode clipped to [0, 1]; "
+                                           "t_overlapped: collect(overlap=True), decoder on the worker thread",
+                "decode_overlap_fraction_serial": "the same with collect(overlap=False): decode on the sampling "
+                                                  "thread, about 0 (timing noise either way)",
+                "t_decode_s": "decode of the sampled latents plus RunOutputs.add_frames, no sampling",
+            }}, decoded
+
+
+# --------------------------------------------------------------------------- write path
+
+
+def _test_pattern(frames: int, h: int, w: int, t0: int = 0) -> torch.Tensor:
+    """Smooth moving colour gradients [frames, h, w, 3] in 0..1 (encodes like video, not like noise)."""
+    t = torch.arange(t0, t0 + frames, dtype=torch.float32).view(-1, 1, 1, 1)
+    y = torch.linspace(0, 1, h).view(1, -1, 1, 1)
+    x = torch.linspace(0, 1, w).view(1, 1, -1, 1)
+    c = torch.tensor([0.0, 2.1, 4.2]).view(1, 1, 1, 3)
+    return (0.5 + 0.5 * torch.sin(6.0 * x + 4.0 * y + 0.2 * t + c)).contiguous()
+
+
+def write_path_probe(frame_blocks, frames_per_block: int = 3, fps: float = 16) -> dict:
+    """Host-thread cost per frame of handing decoded frames to a :class:`rolling.video.StreamingVideoWriter`
+    through :meth:`RunOutputs.add_frames` (as ``collect`` does): float -> uint8 on the frames' device, the
+    copy to the host, the writer's queue. ``frame_blocks``: per block, frames [B, T, H, W, 3] in 0..1.
+    The writer is drained after each block (outside the timed span), so the figure is the hand-off, not
+    back-pressure from the encoder; the encoder's time per frame is reported beside it."""
+    from .video import StreamingVideoWriter, _host_frames
+
+    h, w = frame_blocks[0].shape[2:4]
+    n = sum(int(f.shape[1]) for f in frame_blocks)
+    convert = 0.0
+    for f in frame_blocks:  # the conversion alone (what write() does first)
+        t0 = time.perf_counter()
+        _host_frames(f[0], w, h)
+        convert += time.perf_counter() - t0
+    host = enc = 0.0
+    with tempfile.TemporaryDirectory(prefix="rolling_bench_") as d:
+        path = os.path.join(d, "write_path.mp4")
+        with StreamingVideoWriter(path, w, h, fps=fps) as writer:
+            out = RunOutputs(blocks=len(frame_blocks), frames_per_block=frames_per_block,
+                             latent_shape=(1, 16, 1, 1), frame_hw=(h, w), writer=writer, keep_blocks=1)
+            for f in frame_blocks:
+                t0 = time.perf_counter()
+                out.add_frames(f)
+                t1 = time.perf_counter()
+                writer.flush()
+                host, enc = host + t1 - t0, enc + time.perf_counter() - t1
+        size = os.path.getsize(path)
+    return {"write_path_host_ms_per_frame": host / n * 1e3, "uint8_convert_ms_per_frame": convert / n * 1e3,
+            "writer_handoff_ms_per_frame": max(0.0, host - convert) / n * 1e3,
+            "encoder_wait_ms_per_frame": enc / n * 1e3, "write_path_frames": n, "write_path_frame_hw": [h, w],
+            "write_path_video_bytes": size}
+
+
+def cpu_proxies(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, attention: str = "sdpa",
+                wide: tuple[int, int] | None = (480, 832)) -> dict:
+    """The CPU proxies of the module docstring: launches per block, the write path's host time per
+    frame (the bench's size and ``wide``, default 832x480), the decode-overlap fraction."""
+    dev = check_device(device)
+    res = {**machine_info(), **launch_probe(cfg_name, rc, hw, device, attention)}
+    s, ctx = make_sampler(cfg_name, rc, hw, dev, attention)
+    make_decoder, what = toy_decoder_factory(dev, s.arch.out_dim)
+    fb = rc.frames_per_block
+    list(s.stream(ctx, 2))  # warm-up outside the timings (allocations, first-call costs)
+    warm_dec = make_decoder()
+    warm_dec.decode(torch.zeros(1, s.arch.out_dim, fb, *hw, device=dev))
+    ov, decoded = overlap_probe(lambda: s.stream(ctx, blocks), make_decoder, blocks=blocks, frames_per_block=fb,
+                                latent_shape=(1, s.arch.out_dim, *hw), frame_hw=(8 * hw[0], 8 * hw[1]), device=dev)
+    res.update(ov, overlap_decoder=what)
+    frames = decoded.frames
+    cuts = [0] + [pixel_frames((b + 1) * fb) for b in range(blocks)]
+    res.update(write_path_probe([frames[:, a:b] for a, b in zip(cuts, cuts[1:])], fb))
+    if wide is not None:
+        n = 4
+        wcuts = [0] + [pixel_frames((b + 1) * fb) for b in range(n)]
+        wb = [_test_pattern(b - a, *wide, a)[None].to(dev) for a, b in zip(wcuts, wcuts[1:])]
+        tag = f"{wide[1]}x{wide[0]}"
+        res.update({f"{k}_{tag}": v for k, v in write_path_probe(wb, fb).items()})
+    return res
+
+
 def run_bench(a) -> dict:
     hw = check_args(a)
     every = getattr(a, "json_every", JSON_EVERY)
     rc = RollingConfig(update_mode=a.mode, rope_mode=a.rope)
-    res = {"config": a.config, "mode": a.mode, "rope": a.rope, "device": a.device, "latent_hw": list(hw),
+    res = {"config": a.config, "model": wan_config(a.config).to_dict(), "mode": a.mode, "rope": a.rope,
+           "device": a.device, "latent_hw": list(hw),
            "attention": a.attention, "blocks": a.blocks, "torch": torch.__version__,
            "command": "python -m rolling bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
            "complete": False}
@@ -245,17 +629,28 @@ def run_bench(a) -> dict:
     res.update(count(a.config, rc, hw))
     if snapshot:
         snapshot({"timed_blocks_done": 0})
+    if getattr(a, "compile", False):
+        res.update(compile_probe(a.config, rc, hw, a.device, a.attention, backend=a.compile_backend))
+        if snapshot:
+            snapshot({"timed_blocks_done": 0})
+    if getattr(a, "proxies", False):
+        res.update(cpu_proxies(a.config, rc, hw, a.device, a.blocks, a.attention))
+        if snapshot:
+            snapshot({"timed_blocks_done": 0})
     if torch.device(a.device).type != "meta":
         res.update(time_run(a.config, rc, hw, a.device, a.blocks, a.attention, progress=snapshot, every=every))
     res["complete"] = True
     keys = ["rss_bytes_block100", "rss_bytes_end", "tensor_bytes_block100", "tensor_bytes_end",
             "forwards_per_block", "steady_forwards_per_block", "query_tokens_per_block",
             "steady_query_tokens_per_block", "flops_per_frame", "host_syncs_per_window",
-            "peak_bytes", "block_ms_median", "block_ms_p99", "first_block_ms", "fps"]
+            "peak_bytes", "block_ms_median", "block_ms_p99", "first_block_ms", "fps",
+            "graph_breaks", "recompiles", "compiled_graphs", "compiled_steady_block_ms_median", "compile_error",
+            "kernel_launches_per_block", "write_path_host_ms_per_frame", "write_path_host_ms_per_frame_832x480",
+            "decode_overlap_fraction", "decode_overlap_fraction_serial", "cpu_threads", "cpu_cores_usable"]
     for k in keys:
         if k in res:
             v = res[k]
-            print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
+            print(f"{k:36s} {v:.4g}" if isinstance(v, float) else f"{k:36s} {v}")
     if a.json:
         write_json(a.json, res)
         print(f"wrote {a.json}")

@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     c.set_defaults(fn=_cmd_convert)
 
     b = sub.add_parser("bench", help="forwards, tokens, FLOPs, host syncs, memory and timing per block")
-    b.add_argument("--config", default="tiny", help="model preset: tiny, 1.3B, 14B")
+    b.add_argument("--config", default="tiny", help="model preset: tiny, medium (a CPU-sized Wan: 4 layers of 512), "
+                   "1.3B, 14B")
     b.add_argument("--device", default="cpu")
     b.add_argument("--blocks", type=int, default=12)
     b.add_argument("--mode", choices=("reference", "fused"), default="reference")
@@ -89,6 +90,14 @@ def main(argv=None) -> int:
     b.add_argument("--json-every", type=int, default=100, metavar="N",
                    help='rewrite the JSON every N timed blocks with "complete": false (a killed soak keeps its '
                         'figures so far); the final write has "complete": true')
+    b.add_argument("--compile", action="store_true",
+                   help="also run the window forward through torch.compile (CompiledForward, fullgraph) and report "
+                        "graph_breaks, recompiles in the steady state and compiled_graphs")
+    b.add_argument("--compile-backend", choices=("eager", "aot_eager", "inductor"), default="inductor",
+                   help="torch.compile backend for --compile (eager: Dynamo only, the fastest to compile)")
+    b.add_argument("--proxies", action="store_true",
+                   help="also measure the CPU proxies: kernel launches per block, host ms per frame on the video "
+                        "write path, the fraction of decode time overlapped with sampling (--blocks blocks)")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("train", help="DMD training (torchrun for several GPUs); --dry-run prints the memory/compute plan")
