@@ -332,7 +332,7 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
     s, ctx = make_sampler(cfg_name, rc, hw, dev, attention, compile={"backend": backend, "mode": mode})
     warm, steady = warmup_blocks(rc), steady or rc.ring_blocks + 1
     total, after = DynamoCounters(), None
-    graphs, times, error, warm_s = [], [], None, None
+    graphs, times, error, failure, warm_s = [], [], None, None, None
     it = s.stream(ctx, None)
     t0 = last = time.perf_counter()
     try:
@@ -348,15 +348,24 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
             last = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - a graph break under fullgraph, a backend failure: reported
         lines = str(e).strip().splitlines()
-        error = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        error, failure = f"{type(e).__name__}: {lines[0] if lines else ''}", e
     finally:
         it.close()
     whole = total.since()
     st = after.since() if after is not None else None
     steady_times = times[warm:]
+    breaks, reasons = whole["graph_breaks"], whole["graph_break_reasons"]
+    exc = torch._dynamo.exc
+    recompile_failure = isinstance(failure, (exc.FailOnRecompileLimitHit, exc.RecompileError))
+    if (isinstance(failure, exc.TorchDynamoException) and not recompile_failure
+            and not isinstance(failure, exc.BackendCompilerFailed) and breaks == 0):
+        # fullgraph=True: code Dynamo cannot put in one graph (e.g. a branch on .item()) may raise
+        # without a counter entry; it is a graph break all the same
+        breaks, reasons = 1, [*reasons, error]
     return {
         "compile_backend": backend, "compile_mode": mode, "compile_fullgraph": True,
-        "graph_breaks": whole["graph_breaks"], "graph_break_reasons": whole["graph_break_reasons"],
+        "graph_breaks": breaks, "graph_break_reasons": reasons,
+        "recompile_limit_hit": bool(whole["recompile_limit_hits"]) or recompile_failure,
         "recompiles": None if st is None else st["frame_compiles"],
         "recompile_reasons": None if st is None else st["recompile_reasons"],
         "compiled_graphs": s.compiled.graphs, "dynamo_graphs": whole["graphs"],
@@ -371,7 +380,9 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
             "graph_breaks": "Dynamo graph breaks plus untraceable code (fullgraph=True makes the first an error) "
                             "over the whole run (torch._dynamo.utils.counters graph_break + unimplemented)",
             "recompiles": "frame compiles during the steady blocks (after the warm-up blocks, across a full "
-                          "turn of the ring): any is a recompile of the window forward",
+                          "turn of the ring): any is a recompile of the window forward; null when the run "
+                          "stopped before the steady blocks (see compile_error)",
+            "recompile_limit_hit": "Dynamo hit its recompile limit (fullgraph=True makes it an error)",
             "compiled_graphs": "CompiledForward graphs: one per window layout (ramp-up layouts, then one steady)",
             "dynamo_recompiles_warmup": "Dynamo's recompiles during the warm-up: each new layout is a new "
                                         "cache entry of the same code object, expected",

@@ -112,16 +112,21 @@ class DynamoCounters:
 
     def since(self) -> dict:
         """``graph_breaks`` (breaks + untraceable code), their reasons (first lines), ``graphs``,
-        ``frame_compiles``, ``recompiles`` and their reasons, since the last :meth:`mark`."""
+        ``frame_compiles``, ``recompiles`` and their reasons, ``recompile_limit_hits`` (Dynamo gave up
+        recompiling a frame), since the last :meth:`mark`."""
         now, base = self._raw(), self._base
 
         def delta(key):
             return {r: n - base[key].get(r, 0) for r, n in now[key].items() if n > base[key].get(r, 0)}
         breaks, unimpl = delta("graph_break"), delta("unimplemented")
+        # hitting the recompile limit is logged as "unimplemented" too: it is a recompile, not a break
+        limit = {r: n for r, n in unimpl.items() if "recompile limit" in str(r).lower()}
+        unimpl = {r: n for r, n in unimpl.items() if r not in limit}
         seen = {id(m) for m in base["metrics"]}
         new = [m for m in now["metrics"] if id(m) not in seen]
         rec = [m for m in new if getattr(m, "recompile_reason", None)]
         return {"graph_breaks": sum(breaks.values()) + sum(unimpl.values()),
                 "graph_break_reasons": sorted({_first_line(r) for r in (*breaks, *unimpl)}),
                 "graphs": now["graphs"] - base["graphs"], "frame_compiles": len(new), "recompiles": len(rec),
-                "recompile_reasons": sorted({_first_line(m.recompile_reason) for m in rec})}
+                "recompile_reasons": sorted({_first_line(m.recompile_reason) for m in rec}),
+                "recompile_limit_hits": sum(limit.values())}
