@@ -10,7 +10,8 @@ def _cmd_demo(a) -> int:
     from .demo import run_demo
     from .video import VideoWriteError
     try:
-        run_demo(a.out, a.seconds, seed=a.seed, update_mode=a.mode, flush=a.flush)
+        run_demo(a.out, a.seconds, prompt=a.prompt, story=a.story, random_model=a.random_model, student=a.student,
+                 scale=a.scale, seed=a.seed, update_mode=a.mode, flush=a.flush)
     except (VideoWriteError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -50,12 +51,24 @@ def _cmd_train(a) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "quality"]:  # the toy-world quality benchmarks have their own options
+        from .quality import main as quality_main
+        return quality_main(argv[2:])
     p = argparse.ArgumentParser(prog="python -m rolling", description="Rolling Forcing sampler core")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="tiny random model on CPU, no downloads: stream a video to MP4")
+    d = sub.add_parser("demo", help="toy-world student on CPU, no downloads: stream a prompted video to MP4")
     d.add_argument("--out", default="rolling_demo.mp4", help="output .mp4 path")
     d.add_argument("--seconds", type=float, default=10.0, help="video length in seconds at 16 fps")
+    d.add_argument("--prompt", default=None, help="a toy-world caption, 'a {colour} {shape} {motion} on a {background} "
+                   "background' (default: 'a red circle drifting left on a dark background')")
+    d.add_argument("--story", default=None, help="timed captions, one per line ('0:00 caption\\n0:05 caption'; a "
+                   "written-out \\n counts as a line break), or a file holding them")
+    d.add_argument("--random-model", action="store_true", help="the tiny random model instead (no text, no VAE; "
+                   "for speed measurements)")
+    d.add_argument("--student", default=None, help="toy student weights (default: the shipped ones)")
+    d.add_argument("--scale", type=int, default=4, help="show the 64x64 toy frames this many times larger")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--mode", choices=("reference", "fused"), default="reference", help="cache update mode")
     d.add_argument("--flush", action="store_true", help="put every block on disk before generating the next")
