@@ -9,6 +9,8 @@
   ROLLING_FORCING_PROMPTS.
 * ``RollingForcingChunkedSampler`` / ``RollingForcingAppendVideo`` (chunk_nodes.py): a long video one
   chunk per queue run, through any IMAGE chain, appended to one MP4.
+* ``RollingForcingToyTextEncode`` / ``RollingForcingToyDecode`` (toy_nodes.py): the toy world's caption ->
+  CONDITIONING and LATENT -> IMAGE, for the loader's built-in toy model.
 
 ComfyUI-free modules, tested without ComfyUI: ``run_inputs.py`` (sizes, lengths, step list and cache
 settings -> RollingConfig, conditioning), ``model_options.py`` (what the loader offers and records),
@@ -28,10 +30,11 @@ if importlib.util.find_spec("comfy_api") is not None:
     from .model_loader import RollingForcingModelLoader
     from .prompt_nodes import RollingForcingPromptSegment, RollingForcingPromptStory
     from .sampler import RollingForcingSampler
+    from .toy_nodes import RollingForcingToyDecode, RollingForcingToyTextEncode
 
     NODES = [RollingForcingModelLoader, RollingForcingCacheConfig, RollingForcingSampler,
              RollingForcingPromptStory, RollingForcingPromptSegment, RollingForcingChunkedSampler,
-             RollingForcingAppendVideo]
+             RollingForcingAppendVideo, RollingForcingToyTextEncode, RollingForcingToyDecode]
 
     class RollingForcingExtension(ComfyExtension):
         """Lists the pack's nodes for ComfyUI (returned by the pack's ``comfy_entrypoint``)."""

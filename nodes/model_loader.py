@@ -4,11 +4,21 @@ Wan2.1 T2V state dict -> ComfyUI's own Wan model as a normal MODEL (ModelPatcher
 The state dict is extracted with the core's safe loader (``torch.load(weights_only=True)``) and
 handed to ``comfy.sd.load_diffusion_model_state_dict`` exactly like the stock Load Diffusion Model
 node does, so ComfyUI's memory management, offloading, fp8 weights and LoRA loaders apply.
+
+The first choice, ``toy (built-in, no download)``, is the toy world's causal student shipped in
+``rolling/toy/weights`` (dim 128, 4 heads, text_dim 32: pair it with Rolling Forcing Toy Text Encode
+and Toy Decode). What ComfyUI's Wan detection cannot read off the shapes (it assumes 128-wide heads,
+freq_dim 256, text_dim 4096, text_len 512) comes from the file's ``wan_config`` metadata
+(``model_options.architecture``) and is handed to ComfyUI's detection for this one load
+(:func:`wan_detection_overrides`), so the toy DiT is ComfyUI's own ``WanModel`` like any other.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
+import threading
 
 from ..rolling.loading import (WEIGHT_CHOICES, CheckpointError, config_from_state_dict, extract_state_dict,
                                prepare_weights, read_raw)
@@ -24,7 +34,7 @@ log = logging.getLogger("RollingForcing")
 class RollingForcingModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = options.checkpoint_files(folder_paths.get_filename_list("diffusion_models"))
+        files = options.model_choices(folder_paths.get_filename_list("diffusion_models"))
         return io.Schema(
             node_id="RollingForcingModelLoader",
             display_name="Rolling Forcing Model Loader",
@@ -32,12 +42,17 @@ class RollingForcingModelLoader(io.ComfyNode):
             description=(
                 "Loads a Rolling Forcing (or Self-Forcing) Wan2.1-T2V-1.3B checkpoint from models/diffusion_models: "
                 "the release's rolling_forcing_dmd.pt (generator_ema / generator weights) or a converted "
-                ".safetensors. Builds ComfyUI's own Wan model, so memory management, fp8 weights and LoRA "
-                "loaders work as for any MODEL."),
+                ".safetensors; or the built-in toy model (a tiny causal student of the pack's toy world of "
+                "coloured shapes, no download: use it with Rolling Forcing Toy Text Encode and Toy Decode). "
+                "Builds ComfyUI's own Wan model, so memory management, fp8 weights and LoRA loaders work as "
+                "for any MODEL."),
             inputs=[
                 io.Combo.Input("model_name", options=files,
                                tooltip="Checkpoint in models/diffusion_models (.pt, .pth or .safetensors), e.g. "
-                                       "rolling_forcing_dmd.pt from TencentARC/RollingForcing."),
+                                       "rolling_forcing_dmd.pt from TencentARC/RollingForcing; or 'toy (built-in, "
+                                       "no download)': the toy world's 1M-parameter student (64x64 video of a "
+                                       "coloured shape; prompt it with Rolling Forcing Toy Text Encode, decode "
+                                       "with Rolling Forcing Toy Decode)."),
                 io.Combo.Input("weights", options=list(WEIGHT_CHOICES), default="ema",
                                tooltip="Which generator weights of a release .pt to use: ema (generator_ema, what "
                                        "the reference samples with) or regular (generator). Plain state dicts "
@@ -63,7 +78,10 @@ class RollingForcingModelLoader(io.ComfyNode):
         options.check_choice("weights", weights, WEIGHT_CHOICES)
         options.check_choice("attention backend", attention, options.ATTENTION_BACKENDS)
         dtype_options = options.weight_dtype_options(weight_dtype)
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        if model_name == options.TOY_MODEL:
+            path = options.toy_model_path()
+        else:
+            path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         patcher = load_patcher(path, weights, dtype_options, attention)
         comfy.register_reload(patcher, load_patcher, (path, weights, dtype_options, attention))
         log.info("[RollingForcing] loaded %s (%s weights, dtype %s, manual cast %s, attention %s)", model_name, weights,
@@ -77,18 +95,25 @@ def load_patcher(path: str, weights: str, dtype_options: dict, attention: str, d
     name = os.path.basename(path)
     try:
         sd = prepare_weights(extract_state_dict(read_raw(path), weights))  # floating point, finite
-        config_from_state_dict(sd)  # non-Wan, I2V and VACE checkpoints are refused here
+        inferred = config_from_state_dict(sd)  # non-Wan, I2V and VACE checkpoints are refused here
     except CheckpointError as e:
         raise ValueError(f"{name}: {e}") from None
     except ValueError as e:  # e.g. an unsupported architecture in the shapes
         raise ValueError(f"{name} is not a usable Wan2.1 text-to-video checkpoint: {e}") from None
-    patcher = comfy.load_diffusion_model(sd, dtype_options, disable_dynamic=disable_dynamic)
+    meta = options.file_metadata(path)
+    cfg = options.architecture(inferred, meta, name)  # head count etc. the shapes cannot tell
+    overrides = options.comfy_overrides(cfg)
+    with wan_detection_overrides(overrides):
+        patcher = comfy.load_diffusion_model(sd, dtype_options, disable_dynamic=disable_dynamic)
     del sd
     if patcher is None:
         raise ValueError(f"{name}: ComfyUI could not detect a Wan2.1 model in this checkpoint")
-    problem = model_problem(patcher)
+    problem = model_problem(patcher) or architecture_problem(patcher, cfg)
     if problem:
         raise ValueError(f"{name}: {problem}")
+    if overrides and meta.get("causal") != "true":
+        log.warning("[RollingForcing] %s is not a causal few-step model (no 'causal' metadata, e.g. the bidirectional "
+                    "toy teacher): Rolling Forcing's few-step causal sampling of it gives rough video", name)
     options.with_attention(patcher.model_options, attention)
     return patcher
 
@@ -110,3 +135,51 @@ def model_problem(patcher) -> str | None:
     return options.wan_t2v_problem(class_name=type(dm).__name__, model_type=getattr(dm, "model_type", None),
                                  has_image_embedding=getattr(dm, "img_emb", None) is not None,
                                  in_dim=int(pe.shape[1]), out_dim=int(head.shape[0]) // patch)
+
+
+_DETECTION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def wan_detection_overrides(overrides: dict):
+    """While loading, make ComfyUI's Wan2.1 detection (``comfy.model_detection.detect_unet_config``,
+    which assumes 128-wide heads, freq_dim 256, text_dim 4096 and text_len 512) return ``overrides``
+    on top of what it read off the shapes, so ComfyUI builds its own ``WanModel`` with the right
+    head count and embeddings. Nothing changes for ``{}`` (every released checkpoint).
+
+    ComfyUI 0.33+ would take the same values from a ``config`` metadata entry, 0.3.x has no such
+    input; wrapping the detection works on both. (To move into ``comfy_adapter`` with the other
+    ComfyUI internals.)"""
+    if not overrides:
+        yield
+        return
+    try:
+        md = importlib.import_module("comfy.model_detection")
+        orig = md.detect_unet_config
+    except (ImportError, AttributeError):
+        raise comfy.missing("comfy.model_detection.detect_unet_config",
+                            "to build a Wan2.1 DiT with a non-standard head count or text width (the toy model)") from None
+
+    def detect(*args, **kwargs):
+        cfg = orig(*args, **kwargs)
+        if isinstance(cfg, dict) and cfg.get("image_model") == "wan2.1":
+            cfg = {**cfg, **overrides}
+        return cfg
+    with _DETECTION_LOCK:
+        md.detect_unet_config = detect
+        try:
+            yield
+        finally:
+            md.detect_unet_config = orig
+
+
+def architecture_problem(patcher, cfg) -> str | None:
+    """Why the DiT ComfyUI built does not have the checkpoint's architecture (None if it has)."""
+    dm = comfy.diffusion_model(patcher)
+    got = {"num_heads": getattr(dm, "num_heads", None),
+           "freq_dim": dm.time_embedding[0].weight.shape[1], "text_dim": dm.text_embedding[0].weight.shape[1]}
+    want = {"num_heads": cfg.num_heads, "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim}
+    if got != want:
+        return (f"ComfyUI {comfy.comfyui_version()} built its Wan model with {got}, but the checkpoint needs {want}; "
+                f"this ComfyUI's Wan detection does not take the pack's settings: please report this with the version")
+    return None

@@ -1,15 +1,24 @@
 """What the model loader offers and records, and what a loaded DiT must be (ComfyUI-free; tested
-without ComfyUI): checkpoint files, weight dtypes, the attention choice stored on the MODEL, the
-compute dtype ComfyUI will use, and why a MODEL cannot be sampled.
+without ComfyUI): checkpoint files and the built-in toy model, weight dtypes, the architecture of a
+checkpoint (shapes + the file's metadata), the attention choice stored on the MODEL, the compute
+dtype ComfyUI will use, and why a MODEL cannot be sampled.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from ..rolling.attention import BACKENDS as ATTENTION_BACKENDS
+from ..rolling.config import WanConfig
 from ..rolling.loading import WEIGHT_CHOICES
+from ..rolling.toy import store as toy_store
+
+log = logging.getLogger("RollingForcing")
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -26,6 +35,104 @@ def check_choice(what: str, value, allowed: Sequence[str]) -> str:
 def checkpoint_files(names: Sequence[str]) -> list[str]:
     """The diffusion_models entries the loader offers: .pt, .pth and .safetensors files."""
     return [n for n in names if n.lower().endswith(CHECKPOINT_EXTENSIONS)]
+
+
+# ----------------------------------------------------------------------------- the built-in toy model
+
+TOY_MODEL = "toy (built-in, no download)"
+"""The loader's choice for the toy world's causal student (``rolling/toy/weights``), listed before the files."""
+TOY_STUDENT_PATH = getattr(toy_store, "STUDENT_PATH", os.path.join(toy_store.WEIGHTS_DIR, "toy_student.safetensors"))
+TOY_TEACHER_PATH = toy_store.TEACHER_PATH
+
+
+def model_choices(names: Sequence[str]) -> list[str]:
+    """Everything the loader's ``model_name`` offers (the one source of that list): the built-in toy
+    model, then the checkpoint files of models/diffusion_models."""
+    return [TOY_MODEL] + [n for n in checkpoint_files(names) if n != TOY_MODEL]
+
+
+def toy_model_path() -> str:
+    """The file behind :data:`TOY_MODEL`: the causal few-step student; while a checkout has none yet,
+    the bidirectional teacher (same architecture; few-step causal sampling then gives rougher video)."""
+    if os.path.isfile(TOY_STUDENT_PATH):
+        return TOY_STUDENT_PATH
+    if os.path.isfile(TOY_TEACHER_PATH):
+        log.warning("[RollingForcing] %s: %s is missing, loading the bidirectional toy teacher %s instead (rebuild the "
+                    "student with `python scripts/train_toy.py student`)", TOY_MODEL, TOY_STUDENT_PATH,
+                    TOY_TEACHER_PATH)
+        return TOY_TEACHER_PATH
+    raise ValueError(f"{TOY_MODEL}: the toy weights are missing ({TOY_STUDENT_PATH}); reinstall the pack or rebuild "
+                     f"them with `python scripts/train_toy.py all`")
+
+
+# ----------------------------------------------------------------------------- architecture from shapes + metadata
+
+WAN_HEAD_DIM = 128  # every released Wan2.1 DiT (1.3B: 1536 / 12, 14B: 5120 / 40); ComfyUI assumes it
+WAN_FREQ_DIM, WAN_TEXT_DIM, WAN_TEXT_LEN = 256, 4096, 512  # what ComfyUI's Wan detection assumes
+COMFY_CONFIG_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "text_dim", "text_len", "in_dim",
+                     "out_dim", "patch_size", "eps", "qk_norm", "cross_attn_norm")  # WanModel(...) arguments
+SHAPE_KEYS = ("dim", "ffn_dim", "num_layers", "freq_dim", "text_dim", "in_dim", "out_dim", "patch_size")
+
+
+def file_metadata(path: str) -> dict:
+    """The string metadata of a ``.safetensors`` file ({} for other files or none)."""
+    if not str(path).lower().endswith(".safetensors"):
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable files are refused by the loader with its own message
+        return {}
+
+
+def architecture(inferred: WanConfig, metadata: dict, name: str = "checkpoint") -> WanConfig:
+    """The DiT's full config: the shapes' ``inferred`` config, with what weights cannot tell (head
+    count, text length) from the file's metadata ``wan_config`` (JSON ``WanConfig.to_dict``, as
+    ``rolling/toy/store.py`` writes it). Without it the head count follows Wan2.1's 128-wide heads,
+    which is only known to hold for the standard architecture (freq_dim 256, text_dim 4096, dim a
+    multiple of 128); anything else is ambiguous and refused with what to add. Metadata that
+    contradicts the weights is refused too."""
+    raw = metadata.get("wan_config") if metadata else None
+    if raw is None:
+        standard = (inferred.dim % WAN_HEAD_DIM == 0 and inferred.freq_dim == WAN_FREQ_DIM
+                    and inferred.text_dim == WAN_TEXT_DIM)
+        if not standard:
+            raise ValueError(
+                f"{name}: the attention head count cannot be told from the weights (dim {inferred.dim}, freq_dim "
+                f"{inferred.freq_dim}, text_dim {inferred.text_dim}: not the standard Wan2.1 architecture, whose "
+                f"heads are {WAN_HEAD_DIM} wide), and the file has no 'wan_config' metadata; save it as a "
+                f".safetensors with metadata wan_config = JSON of rolling.config.WanConfig.to_dict() (with "
+                f"num_heads and text_len), as rolling/toy/store.py does")
+        return replace(inferred, num_heads=inferred.dim // WAN_HEAD_DIM)
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or "num_heads" not in d:
+            raise ValueError("no num_heads in it")
+        meta_cfg = WanConfig.from_dict({**inferred.to_dict(), **d})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: its 'wan_config' metadata is not a usable Wan2.1 config ({e}); expected JSON of "
+                         f"rolling.config.WanConfig.to_dict() with num_heads") from None
+    clash = [f"{k}: metadata {getattr(meta_cfg, k)} vs weights {getattr(inferred, k)}" for k in SHAPE_KEYS
+             if getattr(meta_cfg, k) != getattr(inferred, k)]
+    if clash:
+        raise ValueError(f"{name}: its 'wan_config' metadata contradicts the weights ({'; '.join(clash)}); the file "
+                         f"was edited or mislabelled")
+    return meta_cfg
+
+
+def comfy_overrides(cfg: WanConfig) -> dict:
+    """What ComfyUI's Wan2.1 detection (which assumes 128-wide heads, freq_dim 256, patch (1, 2, 2),
+    text_dim 4096, text_len 512) must be told to build this DiT; {} for the standard architecture."""
+    standard = (cfg.num_heads == cfg.dim // WAN_HEAD_DIM and cfg.freq_dim == WAN_FREQ_DIM
+                and cfg.text_dim == WAN_TEXT_DIM and cfg.text_len == WAN_TEXT_LEN and cfg.patch_size == (1, 2, 2))
+    if standard:
+        return {}
+    d = cfg.to_dict()
+    out = {k: d[k] for k in COMFY_CONFIG_KEYS}
+    out["patch_size"] = tuple(cfg.patch_size)
+    return out
 
 
 def weight_dtype_options(name: str) -> dict:

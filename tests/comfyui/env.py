@@ -30,7 +30,7 @@ PACK_DIR_NAME = "rolling-forcing"  # the pack's folder name in custom_nodes/
 
 OUR_NODES = ("RollingForcingModelLoader", "RollingForcingCacheConfig", "RollingForcingSampler",
              "RollingForcingPromptStory", "RollingForcingPromptSegment", "RollingForcingChunkedSampler",
-             "RollingForcingAppendVideo")
+             "RollingForcingAppendVideo", "RollingForcingToyTextEncode", "RollingForcingToyDecode")
 
 NO_COMFYUI = "COMFYUI_PATH not set: these tests need a ComfyUI checkout (see scripts/setup_comfyui.sh)"
 
