@@ -104,6 +104,18 @@ def test_toy_model_computes_what_rolling_toy_computes(cu, toy):
     assert (wrong - want).abs().max() > 1e-2
 
 
+def test_toy_model_reloads_with_its_architecture(cu, toy):
+    """2026 ComfyUI reloads a MODEL through ``cached_patcher_init`` (non-dynamic / per-GPU copies): the
+    copy has the toy's head count too."""
+    if not hasattr(toy, "cached_patcher_init"):
+        pytest.skip("this ComfyUI has no cached_patcher_init (added in 2026)")
+    fn, args = toy.cached_patcher_init
+    again = fn(*args, disable_dynamic=True)
+    assert again.model.diffusion_model.num_heads == toy.model.diffusion_model.num_heads == 4
+    ref, got = toy.model.diffusion_model.state_dict(), again.model.diffusion_model.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def _save(path: Path, sd: dict, metadata: dict | None) -> None:
     from safetensors.torch import save_file
 
