@@ -316,6 +316,29 @@ def warmup_blocks(rc: RollingConfig) -> int:
 # --------------------------------------------------------------------------- torch.compile
 
 
+GRAPH_SYNC_METHODS = {"item", "tolist", "nonzero", "cpu", "numpy", "__bool__", "__int__", "__float__"}
+
+
+def inspecting_backend(backend: str, syncs: Counter):
+    """The ``torch.compile`` backend ``backend`` with a look at every graph Dynamo hands it first: the
+    host syncs in it (:data:`GRAPH_SYNC_METHODS` calls, :data:`rolling.probes.SYNC_OPS`) are counted in
+    ``syncs``."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from .probes import SYNC_OPS
+    inner = lookup_backend(backend)
+    sync_fns = {torch.Tensor.item, torch.Tensor.tolist, torch.nonzero, torch.masked_select, *SYNC_OPS}
+
+    def compile_fn(gm, example_inputs, **kw):
+        for n in gm.graph.nodes:
+            if (n.op == "call_method" and n.target in GRAPH_SYNC_METHODS) or (
+                    n.op == "call_function" and n.target in sync_fns):
+                syncs[str(getattr(n.target, "__name__", n.target))] += 1
+        return inner(gm, example_inputs, **kw)
+    compile_fn.__name__ = f"inspecting_{backend}"
+    return compile_fn
+
+
 def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: str = "sdpa",
                   backend: str = "inductor", mode: str | None = None, steady: int | None = None) -> dict:
     """Graph breaks, recompiles and graphs of the compiled window forward (see the module docstring).
@@ -329,7 +352,9 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
         raise ValueError(f"compile backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
     dev = check_device(device)
     torch._dynamo.reset()
-    s, ctx = make_sampler(cfg_name, rc, hw, dev, attention, compile={"backend": backend, "mode": mode})
+    syncs: Counter = Counter()
+    fn = backend if mode is not None else inspecting_backend(backend, syncs)  # inductor modes need the name
+    s, ctx = make_sampler(cfg_name, rc, hw, dev, attention, compile={"backend": fn, "mode": mode})
     warm, steady = warmup_blocks(rc), steady or rc.ring_blocks + 1
     total, after = DynamoCounters(), None
     graphs, times, error, failure, warm_s = [], [], None, None, None
@@ -365,6 +390,8 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
     return {
         "compile_backend": backend, "compile_mode": mode, "compile_fullgraph": True,
         "graph_breaks": breaks, "graph_break_reasons": reasons,
+        "graph_host_syncs": None if mode is not None else sum(syncs.values()),
+        "graph_host_sync_ops": None if mode is not None else dict(syncs),
         "recompile_limit_hit": bool(whole["recompile_limit_hits"]) or recompile_failure,
         "recompiles": None if st is None else st["frame_compiles"],
         "recompile_reasons": None if st is None else st["recompile_reasons"],
@@ -382,6 +409,8 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
             "recompiles": "frame compiles during the steady blocks (after the warm-up blocks, across a full "
                           "turn of the ring): any is a recompile of the window forward; null when the run "
                           "stopped before the steady blocks (see compile_error)",
+            "graph_host_syncs": "host syncs traced into the compiled graphs (.item(), .tolist(), nonzero, ...: "
+                                "Dynamo may capture a scalar read without a graph break; 0 expected)",
             "recompile_limit_hit": "Dynamo hit its recompile limit (fullgraph=True makes it an error)",
             "compiled_graphs": "CompiledForward graphs: one per window layout (ramp-up layouts, then one steady)",
             "dynamo_recompiles_warmup": "Dynamo's recompiles during the warm-up: each new layout is a new "
@@ -582,6 +611,7 @@ def write_path_probe(frame_blocks, frames_per_block: int = 3, fps: float = 16) -
         _host_frames(f[0], w, h)
         convert += time.perf_counter() - t0
     host = enc = 0.0
+    written = 0
     with tempfile.TemporaryDirectory(prefix="rolling_bench_") as d:
         path = os.path.join(d, "write_path.mp4")
         with StreamingVideoWriter(path, w, h, fps=fps) as writer:
@@ -591,12 +621,12 @@ def write_path_probe(frame_blocks, frames_per_block: int = 3, fps: float = 16) -
                 t0 = time.perf_counter()
                 out.add_frames(f)
                 t1 = time.perf_counter()
-                writer.flush()
+                written = writer.flush()
                 host, enc = host + t1 - t0, enc + time.perf_counter() - t1
         size = os.path.getsize(path)
     return {"write_path_host_ms_per_frame": host / n * 1e3, "uint8_convert_ms_per_frame": convert / n * 1e3,
             "writer_handoff_ms_per_frame": max(0.0, host - convert) / n * 1e3,
-            "encoder_wait_ms_per_frame": enc / n * 1e3, "write_path_frames": n, "write_path_frame_hw": [h, w],
+            "encoder_wait_ms_per_frame": enc / n * 1e3, "write_path_frames": n, "write_path_frames_encoded": written, "write_path_frame_hw": [h, w],
             "write_path_video_bytes": size}
 
 
