@@ -21,6 +21,16 @@ second after the first block: 12 per block), DiT-only fps, peak GPU memory (max 
 reserved). One JSON per weight dtype goes to ``--out-dir`` (default bench/results/), named
 ``gpu_smoke_<device>_<dtype>.json`` (``_<config>`` before the dtype for other configs than 1.3B),
 with the GPU, torch, CUDA, ComfyUI versions and the exact command; a short table is printed.
+
+Per attention kernel: ``--attention`` takes a comma-separated list of the loader's options (or ``all``:
+auto, sdpa, cudnn, flash, sage); with more than one, every (dtype, option) pair is run and written as
+``gpu_smoke_<device>_<dtype>_<option>.json``, each naming the kernel that actually ran
+(``attention_backend``; an unavailable option falls back to sdpa). ``--kernels`` (default: on CUDA) also
+times each attention option alone on the steady window's shapes (queries of the window, keys of the
+span; :func:`time_attention_kernels`) and writes ``gpu_smoke_<device>_attention_kernels.json``: one line
+per option with the kernel that ran, median / p99 ms per call, TFLOP/s, peak memory and the largest
+difference from sdpa's output (a numerical check, not the toy-world quality measurement Sage needs).
+
 Exit status: 0 when every run finished with finite outputs, 1 otherwise, 2 when it cannot run here.
 """
 from __future__ import annotations
@@ -71,7 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, help="default 480 (1.3B) / 64 (tiny)")
     p.add_argument("--dtypes", default=",".join(WEIGHT_DTYPES),
                    help="comma-separated loader weight_dtype values (default bf16,fp16)")
-    p.add_argument("--attention", default="auto", help="the loader's attention option (default auto)")
+    p.add_argument("--attention", default="auto",
+                   help="the loader's attention option, or a comma-separated list of them, or 'all' (default auto)")
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="time each attention option alone on the steady window's shapes (default: on CUDA only)")
+    p.add_argument("--kernel-iters", type=int, default=20, help="timed calls per attention option (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random DiT, VAE, conditioning and noise")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--models-dir", type=Path,
@@ -80,8 +94,16 @@ def parse_args(argv=None):
     _, w, h, blocks = CONFIGS[a.config]
     a.width, a.height, a.blocks = a.width or w, a.height or h, a.blocks or blocks
     a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    from rolling.attention import BACKENDS
+    a.attentions = list(BACKENDS) if a.attention == "all" else [x.strip() for x in a.attention.split(",") if x.strip()]
+    bad = [x for x in a.attentions if x not in BACKENDS]
+    if bad or not a.attentions:
+        p.error(f"--attention: unknown option(s) {', '.join(bad) or '(none)'}; choose from {', '.join(BACKENDS)} or all")
+    a.attention = a.attentions[0] if len(a.attentions) == 1 else ",".join(a.attentions)
     if a.blocks < 1:
         p.error("--blocks must be at least 1")
+    if a.kernel_iters < 1:
+        p.error("--kernel-iters must be at least 1")
     return a
 
 
@@ -195,6 +217,73 @@ def run_once(a, model, vae, cond, seconds: float, clock: Clock, cuda: bool, env)
     return r
 
 
+def attention_shapes(width: int, height: int, heads: int = 12, head_dim: int = 128) -> dict:
+    """q / k shapes [B, L, H, D] of a steady window's self-attention at ``width`` x ``height`` pixels
+    (1.3B: 12 heads of 128): queries of the denoising window, keys of the attention span."""
+    from rolling.config import RollingConfig
+
+    rc = RollingConfig()
+    tokens = (height // 8 // 2) * (width // 8 // 2)  # VAE x8, patch 2x2
+    return {"q": [1, rc.window_frames * tokens, heads, head_dim], "kv": [1, rc.span_frames * tokens, heads, head_dim],
+            "tokens_per_frame": tokens, "window_frames": rc.window_frames, "span_frames": rc.span_frames}
+
+
+def time_attention_kernels(device: str, options, shapes: dict, dtype=None, iters: int = 20, warmup: int = 3,
+                           seed: int = 0) -> list[dict]:
+    """Each attention option (``rolling.attention.get_attention``) alone on random q/k/v of ``shapes``
+    (:func:`attention_shapes`): one dict per option with the kernel that ran (``fallback`` when it is
+    sdpa instead), median / p99 ms per call (synchronized), TFLOP/s (4 * B * H * Lq * Lk * D per call),
+    peak memory (CUDA) and the largest absolute difference from sdpa's output on the same inputs."""
+    import warnings
+
+    import torch
+
+    from rolling.attention import get_attention, sdpa_attention
+
+    cuda = torch.device(device).type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(shapes["q"], device=device, dtype=dtype, generator=g)
+    k = torch.randn(shapes["kv"], device=device, dtype=dtype, generator=g)
+    v = torch.randn(shapes["kv"], device=device, dtype=dtype, generator=g)
+    b, lq, h, d = shapes["q"]
+    flops = 4 * b * h * lq * shapes["kv"][1] * d
+    with torch.inference_mode():
+        ref = sdpa_attention(q, k, v).float()
+    rows = []
+    for name in options:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = get_attention(name, device)
+        row = {"option": name, "kernel": fn.kernel, "fallback": name not in ("auto", "sdpa") and fn.kernel == "sdpa",
+               "warning": str(caught[0].message) if caught else None, "shapes": {"q": shapes["q"], "kv": shapes["kv"]},
+               "dtype": str(dtype).replace("torch.", "")}
+        try:
+            with torch.inference_mode():
+                for _ in range(warmup):
+                    out = fn(q, k, v)
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    out = fn(q, k, v)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            row.update(ms_median=round(med * 1e3, 4), ms_p99=round(percentile(times, 99) * 1e3, 4), iters=iters,
+                       tflops_per_s=round(flops / med / 1e12, 3), flops_per_call=flops,
+                       peak_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                       max_abs_diff_vs_sdpa=float((out.float() - ref).abs().max()),
+                       finite=bool(torch.isfinite(out).all()), ok=True)
+        except Exception as e:  # one kernel failing (e.g. an unsupported head size) does not hide the others
+            row.update(ok=False, error=f"{type(e).__name__}: {e}")
+        rows.append(row)
+    return rows
+
+
 def gib(n):
     return None if n is None else round(n / 2 ** 30, 2)
 
@@ -229,7 +318,7 @@ def main(argv=None) -> int:
     cu["folder_paths"].add_model_folder_path("diffusion_models", str(ckpt.parent))
     vae = comfy.sd.VAE(sd=inject_pack.random_wan_vae_state_dict(a.seed))
     cond = inject_pack.random_conditioning(a.seed + 1, tokens=24)
-    backend = cu["pack"].rolling.attention.get_attention(a.attention, device)  # what "auto" resolves to here
+    backend = cu["pack"].rolling.attention.get_attention(a.attentions[0], device)  # what "auto" resolves to here
     common = {
         "benchmark": "gpu_smoke", "command": command, "comfyui_path": env.comfyui_path(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -256,11 +345,15 @@ def main(argv=None) -> int:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     loader = env.node_class("RollingForcingModelLoader")
     rows, ok_all = [], True
-    for dtype in a.dtypes:
+    many = len(a.attentions) > 1
+    for dtype, attention in [(d, x) for d in a.dtypes for x in a.attentions]:
         res = dict(common, weight_dtype=dtype, runs={}, ok=False)
+        if many:
+            kernel = cu["pack"].rolling.attention.get_attention(attention, device)
+            res.update(attention=attention, attention_backend=getattr(kernel, "kernel", str(kernel)))
         try:
             t0 = time.perf_counter()
-            model = loader.execute(ckpt.name, "ema", dtype, a.attention)[0]
+            model = loader.execute(ckpt.name, "ema", dtype, attention)[0]
             res["model_load_s"] = round(time.perf_counter() - t0, 3)
             clock = Clock(sync)
             for name, with_vae in RUNS:
@@ -294,11 +387,31 @@ def main(argv=None) -> int:
             }
         ok_all &= res["ok"]
         suffix = "" if a.config == "1.3B" else f"_{slug(a.config)}"
-        out = a.out_dir / f"gpu_smoke_{slug(gpu)}{suffix}_{dtype}.json"
+        out = a.out_dir / f"gpu_smoke_{slug(gpu)}{suffix}_{dtype}{'_' + slug(attention) if many else ''}.json"
         out.write_text(json.dumps(res, indent=1) + "\n")
         res["_file"] = out
         rows.append(res)
     print_table(rows, common)
+    if a.kernels == "on" or (a.kernels == "auto" and cuda):
+        from rolling.attention import BACKENDS
+        shapes = attention_shapes(a.width, a.height)
+        kernels = time_attention_kernels(str(device), [x for x in BACKENDS], shapes, iters=a.kernel_iters,
+                                         seed=a.seed)
+        kres = {k: common[k] for k in ("benchmark", "command", "date", "device", "gpu", "torch", "cuda", "cudnn",
+                                       "python", "host", "pack_commit", "width", "height")}
+        kres.update(what="each attention option alone on a steady window's self-attention shapes (1.3B heads)",
+                    shapes=shapes, kernels=kernels, ok=all(r["ok"] and r["finite"] for r in kernels))
+        out = a.out_dir / f"gpu_smoke_{slug(gpu)}_attention_kernels.json"
+        out.write_text(json.dumps(kres, indent=1) + "\n")
+        print(f"\n{'option':7} {'kernel':12} {'ms med':>9} {'p99':>9} {'TFLOP/s':>8} {'max |diff| vs sdpa':>19}")
+        for r in kernels:
+            if not r["ok"]:
+                print(f"{r['option']:7} {r['kernel']:12} FAILED: {r['error']}")
+                continue
+            print(f"{r['option']:7} {r['kernel']:12} {r['ms_median']:9.3f} {r['ms_p99']:9.3f} {r['tflops_per_s']:8.1f} "
+                  f"{r['max_abs_diff_vs_sdpa']:19.3g}" + ("  (fallback)" if r["fallback"] else ""))
+        print(f"wrote {out}")
+        ok_all &= kres["ok"]
     return 0 if ok_all else 1
 
 

@@ -304,7 +304,19 @@ def machine_info() -> dict:
         load = None
     return {"cpu_threads": torch.get_num_threads(), "cpu_interop_threads": torch.get_num_interop_threads(),
             "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable, "load_average_1min": load,
-            "cpu_name": platform.processor() or platform.machine()}
+            "cpu_name": _cpu_model() or platform.processor() or platform.machine(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def warmup_blocks(rc: RollingConfig) -> int:
@@ -636,6 +648,9 @@ def cpu_proxies(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, 
     frame (the bench's size and ``wide``, default 832x480), the decode-overlap fraction."""
     dev = check_device(device)
     res = {**machine_info(), **launch_probe(cfg_name, rc, hw, device, attention)}
+    for m in ("reference", "fused"):  # both update modes side by side (the bench's own mode is above)
+        r = res if m == rc.update_mode else launch_probe(cfg_name, rc.with_(update_mode=m), hw, device, attention)
+        res[f"kernel_launches_per_block_{m}"] = r["kernel_launches_per_block"]
     s, ctx = make_sampler(cfg_name, rc, hw, dev, attention)
     make_decoder, what = toy_decoder_factory(dev, s.arch.out_dim)
     fb = rc.frames_per_block
@@ -670,6 +685,8 @@ def run_bench(a) -> dict:
     res.update(count(a.config, rc, hw))
     if snapshot:
         snapshot({"timed_blocks_done": 0})
+    if getattr(a, "compile", False) or getattr(a, "proxies", False):
+        res.update(machine_info())
     if getattr(a, "compile", False):
         res.update(compile_probe(a.config, rc, hw, a.device, a.attention, backend=a.compile_backend))
         if snapshot:
@@ -687,6 +704,7 @@ def run_bench(a) -> dict:
             "peak_bytes", "block_ms_median", "block_ms_p99", "first_block_ms", "fps",
             "graph_breaks", "recompiles", "compiled_graphs", "compiled_steady_block_ms_median", "compile_error",
             "kernel_launches_per_block", "write_path_host_ms_per_frame", "write_path_host_ms_per_frame_832x480",
+            "kernel_launches_per_block_reference", "kernel_launches_per_block_fused",
             "decode_overlap_fraction", "decode_overlap_fraction_serial", "cpu_threads", "cpu_cores_usable"]
     for k in keys:
         if k in res:

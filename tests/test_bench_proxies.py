@@ -187,6 +187,8 @@ def test_bench_compile_and_proxies_json(tmp_path):
     assert d["graph_breaks"] == 0 and d["recompiles"] == 0 and d["compiled_graphs"] > 1
     assert d["compile_backend"] == "eager" and d["compile_error"] is None
     assert isinstance(d["kernel_launches_per_block"], int) and d["kernel_launches_per_block"] > 0
+    assert d["kernel_launches_per_block_fused"] == d["kernel_launches_per_block"]
+    assert 0 < d["kernel_launches_per_block_fused"] < d["kernel_launches_per_block_reference"]
     for k in ("write_path_host_ms_per_frame", "write_path_host_ms_per_frame_832x480"):
         assert math.isfinite(d[k]) and d[k] > 0, k
     assert d["write_path_frame_hw_832x480"] == [480, 832]
@@ -199,3 +201,28 @@ def test_bench_compile_and_proxies_json(tmp_path):
     assert "--compile" in d["command"] and "--proxies" in d["command"]
     for k in ("graph_breaks", "recompiles", "kernel_launches_per_block", "decode_overlap_fraction"):
         assert k in r.stdout, k
+
+
+# --------------------------------------------------------------------------- the GPU script's kernel table
+
+
+def test_gpu_smoke_times_each_attention_option_separately():
+    """bench/gpu_smoke.py --kernels: one line per attention option (on CPU every CUDA-only option falls
+    back to sdpa and says so); the script itself needs ComfyUI and a GPU (tests/test_comfy_gpu_smoke.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "bench" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    shapes = smoke.attention_shapes(832, 480)
+    assert shapes["q"] == [1, 15 * 1560, 12, 128] and shapes["kv"] == [1, 21 * 1560, 12, 128]
+    small = {"q": [1, 24, 2, 16], "kv": [1, 40, 2, 16]}
+    rows = smoke.time_attention_kernels("cpu", ["auto", "sdpa", "cudnn", "flash", "sage"], small, iters=3)
+    assert [r["option"] for r in rows] == ["auto", "sdpa", "cudnn", "flash", "sage"]
+    for r in rows:
+        assert r["ok"] and r["finite"] and r["ms_median"] > 0 and r["ms_p99"] >= r["ms_median"], r
+        assert r["kernel"] == "sdpa" and r["max_abs_diff_vs_sdpa"] == 0.0
+        assert r["fallback"] == (r["option"] in ("cudnn", "flash", "sage"))
+        assert (r["warning"] is not None) == r["fallback"]
+    args = smoke.parse_args(["--device", "cpu", "--config", "tiny", "--attention", "all"])
+    assert args.attentions == ["auto", "sdpa", "cudnn", "flash", "sage"]
+    assert smoke.parse_args(["--attention", "sdpa"]).attention == "sdpa"
