@@ -2,7 +2,10 @@
 
     python scripts/train_toy.py vae       # -> rolling/toy/weights/toy_vae.safetensors, bench/results/toy_vae_train.json
     python scripts/train_toy.py teacher   # (needs the VAE) -> toy_teacher.safetensors, bench/results/toy_teacher_train.json
-    python scripts/train_toy.py all       # both, in order
+    python scripts/train_toy.py student   # (needs VAE + teacher) ODE init + Rolling Forcing DMD
+                                          #   -> toy_student.safetensors, bench/results/toy_student_train.json
+    python scripts/train_toy.py student-control   # the same with generator lr 0 -> toy_student_control.json
+    python scripts/train_toy.py all       # vae, teacher, student, in order
     python scripts/train_toy.py eval      # re-evaluate the shipped weights -> bench/results/toy_eval.json
 
 Training uses ``--threads`` (default 2) CPU threads; results depend only on the seed (and the thread
@@ -15,6 +18,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,11 +105,85 @@ def run_eval(args) -> None:
     write_json("toy_eval.json", out)
 
 
+def _ode_init_student(args, teacher, ev, scfg):
+    """ODE init, or reuse of a cached ODE-init file written by an earlier run with the same seed and config."""
+    import json as _json
+    from rolling.toy import distill
+    key = _json.dumps({"seed": args.seed, "ode": distill.asdict(scfg.ode)}, sort_keys=True)
+    if os.path.isfile(args.ode_init):
+        meta = store.student_metadata(args.ode_init)
+        if meta.get("ode_key") == key:
+            print(f"reusing the ODE-init student {args.ode_init} (same seed and ODE config)")
+            rec = _json.loads(meta["ode_record"])
+            return store.load_student(args.ode_init), {**rec, "reused_from": args.ode_init}
+    student = distill.causal_student_from(teacher)
+    rec = distill.ode_init(student, teacher, scfg.ode, seed=args.seed, ev=ev, eval_every=scfg.eval_every_ode)
+    store.save_student(student, training.TEACHER_CONFIG, args.ode_init, denoising_steps=distill.STUDENT_STEPS,
+                       extra={"stage": "ode_init", "seed": args.seed, "ode_key": key,
+                              "ode_record": _json.dumps(_clean(rec))})
+    return student, rec
+
+
+def run_student(args, control: bool = False) -> None:
+    from rolling.toy import distill
+    t0, c0 = time.perf_counter(), time.process_time()
+    machine = training.machine()
+    vae, teacher = store.load_vae(args.vae_out), store.load_teacher(args.teacher_out)
+    scfg = distill.StudentTrainConfig(seed=args.seed, control=control)
+    if args.steps:
+        scfg.dmd.steps = args.steps
+    if args.ode_steps:
+        scfg.ode.steps = args.ode_steps
+    te = time.perf_counter()
+    ev = distill.make_eval_set(teacher, distill.eval_captions(scfg.eval_captions), seed=4242 + args.seed)
+    eval_set_s = time.perf_counter() - te
+    student, ode_rec = _ode_init_student(args, teacher, ev, scfg)
+    t_ode = time.perf_counter() - t0
+    if not control and not args.no_early_save:  # a usable student as soon as the ODE init is done
+        store.save_student(student, training.TEACHER_CONFIG, args.student_out, denoising_steps=distill.STUDENT_STEPS,
+                           extra={"stage": "ode_init", "seed": args.seed, "command": command()})
+    print(f"ODE init done in {t_ode:.0f} s; DMD ({'control, generator lr 0' if control else 'run'})")
+    tr, dmd_rec = distill.dmd(args.ode_init, args.teacher_out, scfg.dmd, seed=args.seed, control=control, ev=ev,
+                              vae=vae, eval_every=scfg.eval_every_dmd, accuracy_every=scfg.accuracy_every_dmd)
+    final = distill.student_weights(tr)
+    out = {"command": command(), "config": scfg.to_dict(), "machine": machine, "control": control,
+           "eval_set": {"captions": ev.captions, "seed": ev.seed, "teacher_steps": ev.teacher_steps,
+                        "guidance": ev.guidance, "seconds": round(eval_set_s, 1),
+                        "distance": "mean squared latent distance per element between the student's rolling "
+                                    "samples and the teacher's 50-step CFG samples, same noise and caption"},
+           "ode_init": ode_rec, "dmd": dmd_rec}
+    if not control:
+        path = store.save_student(final, training.TEACHER_CONFIG, args.student_out,
+                                  denoising_steps=distill.STUDENT_STEPS,
+                                  extra={"stage": "ode_init+dmd", "seed": args.seed, "command": command(),
+                                         "dmd_steps": tr.step})
+        out.update(weights=os.path.relpath(path, ROOT), weights_bytes=os.path.getsize(path))
+    te = time.perf_counter()
+    out["eval"] = {"final": distill.evaluate_student(final, vae, teacher, samples_per_caption=args.samples),
+                   "ode_init": distill.evaluate_student(store.load_student(args.ode_init), vae,
+                                                        samples_per_caption=args.samples)}
+    out["final_eval_seconds"] = round(time.perf_counter() - te, 1)
+    out.update(wall_seconds=round(time.perf_counter() - t0, 1), process_cpu_seconds=round(time.process_time() - c0, 1))
+    for k in ("final", "ode_init"):
+        e = out["eval"][k]
+        print(k, "student", json.dumps(_clean(e["student"]["all"])))
+    print("teacher", json.dumps(_clean(out["eval"]["final"]["teacher"]["all"])))
+    write_json(args.control_json if control else args.student_json, out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("vae", "teacher", "all", "eval"))
+    p.add_argument("what", choices=("vae", "teacher", "student", "student-control", "all", "eval"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=0, help="training steps (0 = the config's default)")
+    p.add_argument("--steps", type=int, default=0, help="training steps (0 = the config's default; student: DMD steps)")
+    p.add_argument("--ode-steps", type=int, default=0, help="student: ODE-init steps (0 = the config's default)")
+    p.add_argument("--student-out", default=store.STUDENT_PATH)
+    p.add_argument("--ode-init", default=os.path.join(tempfile.gettempdir(), "toy_student", "ode_init.safetensors"),
+                   help="student: where the ODE-init student is cached (reused by a later run with the same seed)")
+    p.add_argument("--no-early-save", action="store_true", help="student: do not write the ODE-init student to "
+                   "--student-out before DMD")
+    p.add_argument("--student-json", default="toy_student_train.json")
+    p.add_argument("--control-json", default="toy_student_control.json")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--samples", type=int, default=2, help="eval: samples per caption")
     p.add_argument("--vae-out", default=store.VAE_PATH)
@@ -118,6 +196,10 @@ def main(argv=None) -> None:
         run_vae(args)
     if args.what in ("teacher", "all"):
         run_teacher(args)
+    if args.what in ("student", "all"):
+        run_student(args)
+    if args.what == "student-control":
+        run_student(args, control=True)
     if args.what == "eval":
         run_eval(args)
 

@@ -10,11 +10,14 @@ drift, prompt switches and distillation can be measured on CPU (real Wan2.1 weig
 | ``vae.py`` | causal video autoencoder with Wan2.1's compression (16 ch, 8x spatial, 4x temporal) |
 | ``sampling.py`` | many-step Euler sampling of the bidirectional teacher |
 | ``training.py``, ``store.py`` | training loops and evaluations; safetensors save / load |
+| ``distill.py`` | the causal few-step student: ODE init from teacher trajectories, then DMD (``rolling.train``) |
 
 Shipped weights (``weights/``, reproduced by ``python scripts/train_toy.py all``)::
 
-    from rolling.toy import TextEncoder, load_teacher, load_vae
+    from rolling.toy import TextEncoder, load_student, load_teacher, load_vae
     vae, teacher, text = load_vae(), load_teacher(), TextEncoder()
+    student = load_student()   # causal, few-step (ODE init + Rolling Forcing DMD; ``distill.py``)
+    steps = rolling.toy.store.student_timesteps()   # its nominal denoising steps, for RollingConfig
 """
 from __future__ import annotations
 
@@ -35,5 +38,14 @@ def load_teacher(path: str | None = None, **kw):
     return _load(path or TEACHER_PATH, **kw)
 
 
+def load_student(path: str | None = None, **kw):
+    """The shipped causal few-step toy student (:class:`rolling.model.WanModel`, eval, CPU, float32);
+    its denoising steps: :func:`rolling.toy.store.student_timesteps`, sampler config:
+    :func:`rolling.toy.store.student_rolling_config`."""
+    from .store import STUDENT_PATH, load_student as _load
+    return _load(path or STUDENT_PATH, **kw)
+
+
 __all__ = ["SHAPES", "COLOURS", "MOTIONS", "BACKGROUNDS", "Scene", "sample_scene", "VOCABULARY", "make_caption",
-           "parse_caption", "all_captions", "TextEncoder", "load_vae", "load_teacher"]
+           "parse_caption", "all_captions", "TextEncoder", "load_vae", "load_teacher",
+           "load_student"]

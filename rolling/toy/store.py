@@ -3,7 +3,11 @@
 ``toy_vae.safetensors``: the :class:`ToyVAE` state dict (latent mean / std buffers included),
 metadata ``vae_config`` (JSON). ``toy_teacher.safetensors``: the bidirectional teacher with bare
 Wan2.1 keys (``blocks.0.self_attn.q.weight``...; loadable by :func:`rolling.loading.load_model` with
-``num_heads`` from the metadata), metadata ``wan_config`` (JSON :meth:`WanConfig.to_dict`).
+``num_heads`` from the metadata), metadata ``wan_config`` (JSON :meth:`WanConfig.to_dict`). ``toy_student.safetensors``: the causal
+few-step student (same key layout and ``wan_config``), plus metadata ``causal`` ("true"),
+``frames_per_block`` ("3"), ``denoising_steps`` (JSON list of nominal steps, 0..1000, e.g.
+[1000, 800, 600, 400, 200]: what :class:`rolling.config.RollingConfig` ``steps`` takes),
+``timesteps`` (JSON: the warped timesteps the model sees), ``sigmas`` (JSON) and ``shift``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from .vae import ToyVAE, VAEConfig
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 VAE_PATH = os.path.join(WEIGHTS_DIR, "toy_vae.safetensors")
 TEACHER_PATH = os.path.join(WEIGHTS_DIR, "toy_teacher.safetensors")
+STUDENT_PATH = os.path.join(WEIGHTS_DIR, "toy_student.safetensors")
 
 
 def _read(path: str, what: str, script: str):
@@ -71,6 +76,68 @@ def load_teacher(path: str = TEACHER_PATH, dtype: torch.dtype = torch.float32, d
     sd, meta = _read(path, "toy teacher", "teacher")
     if "wan_config" not in meta:
         raise ValueError(f"{path} has no 'wan_config' metadata: not a toy teacher file")
+    cfg = WanConfig.from_dict(json.loads(meta["wan_config"]))
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------- student
+def save_student(model: WanModel, cfg: WanConfig, path: str = STUDENT_PATH, *, denoising_steps,
+                 frames_per_block: int = 3, shift: float = 5.0, extra: dict | None = None) -> str:
+    """Write the causal student (bare Wan2.1 keys, float32) with its sampler metadata (module docstring).
+    ``denoising_steps``: the nominal steps (strictly decreasing ints in 1..1000) it was distilled for."""
+    from ..config import validate_steps
+    from ..flow import Steps
+    steps = [int(v) for v in validate_steps(denoising_steps)]
+    if not isinstance(frames_per_block, int) or frames_per_block < 1:
+        raise ValueError(f"frames_per_block must be a positive integer, got {frames_per_block!r}")
+    table = Steps(steps, shift, frames_per_block)
+    meta = {"causal": "true", "frames_per_block": str(frames_per_block), "denoising_steps": json.dumps(steps),
+            "timesteps": json.dumps([round(t, 4) for t in table.t]), "sigmas": json.dumps([round(s, 7) for s in table.sigma]),
+            "shift": str(float(shift)), **{k: str(v) for k, v in (extra or {}).items()}}
+    return save_teacher(model, cfg, path, extra=meta)
+
+
+def _student_meta(path: str) -> tuple[dict, dict]:
+    sd, meta = _read(path, "toy student", "student")
+    if "wan_config" not in meta or meta.get("causal") != "true" or "denoising_steps" not in meta:
+        raise ValueError(f"{path} is not a toy student file (needs metadata 'wan_config', 'causal' = 'true' and "
+                         f"'denoising_steps'; found keys {sorted(meta)})")
+    return sd, meta
+
+
+def student_metadata(path: str | None = None) -> dict:
+    """The student file's metadata, parsed: wan_config (dict), causal (bool), frames_per_block (int),
+    denoising_steps (list[int]), timesteps / sigmas (list[float]), shift (float), and the rest as strings."""
+    _, meta = _student_meta(path or STUDENT_PATH)
+    out = dict(meta)
+    out.update(wan_config=json.loads(meta["wan_config"]), causal=True, frames_per_block=int(meta["frames_per_block"]),
+               denoising_steps=json.loads(meta["denoising_steps"]), timesteps=json.loads(meta["timesteps"]),
+               sigmas=json.loads(meta["sigmas"]), shift=float(meta["shift"]))
+    return out
+
+
+def student_timesteps(path: str | None = None) -> list[int]:
+    """The nominal denoising steps (0..1000 scale, strictly decreasing) the student was distilled for,
+    e.g. [1000, 800, 600, 400, 200]: pass them as ``RollingConfig(steps=...)`` (the rolling schedule
+    warps them through the shift table; the warped values are in :func:`student_metadata`)."""
+    return [int(v) for v in student_metadata(path)["denoising_steps"]]
+
+
+def student_rolling_config(path: str | None = None):
+    """The :class:`rolling.config.RollingConfig` the student was distilled for (steps, shift, block size)."""
+    from ..config import RollingConfig
+    m = student_metadata(path)
+    return RollingConfig(steps=tuple(m["denoising_steps"]), shift=m["shift"], frames_per_block=m["frames_per_block"])
+
+
+def load_student(path: str | None = None, dtype: torch.dtype = torch.float32, device="cpu") -> WanModel:
+    """The causal few-step toy student as a :class:`WanModel` (eval, no grad, float32, CPU by default).
+    Sample it with :class:`rolling.sampler.RollingSampler` and :func:`student_rolling_config`."""
+    path = path or STUDENT_PATH
+    sd, meta = _student_meta(path)
     cfg = WanConfig.from_dict(json.loads(meta["wan_config"]))
     with torch.device("meta"):
         model = WanModel(cfg)

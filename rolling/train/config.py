@@ -70,6 +70,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     gen_update_every: int = 5  # generator step when step % 5 == 0; critic every step
+    lr_warmup_steps: int = 0  # linear warm-up of both learning rates over the first N iterations (0 = off, reference)
+    critic_warmup_steps: int = 0  # first N iterations update only the critic (0 = off, reference)
     ema_decay: float = 0.99
     ema_start_step: int = 200
     max_steps: int = 3000
@@ -106,6 +108,9 @@ class TrainConfig:
             raise ValueError("need 0 <= min_timestep <= max_timestep <= num_train_timesteps")
         if self.gen_update_every < 1:
             raise ValueError("gen_update_every must be >= 1")
+        if self.lr_warmup_steps < 0 or self.critic_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) and critic_warmup_steps "
+                             f"({self.critic_warmup_steps}) must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.sharding not in ("full", "hybrid"):

@@ -34,6 +34,39 @@ from .models import build_dit
 from .rollout import BRANCHES, GeneratorNoise, Rollout, RolloutChoice, RolloutResult, identity_reencode, loss_clip
 
 
+class CriticInitError(ValueError):
+    """The critic (fake score) has no initial weights: no ``critic_ckpt`` and a teacher of another shape."""
+
+
+def critic_init(cfg: TrainConfig, *, has_module: bool = False) -> str | None:
+    """The checkpoint the critic starts from: ``critic_ckpt`` if given; else ``teacher_ckpt`` when the
+    critic and teacher configs are equal (DMD's usual fake-score init); else None only if no weights
+    are loaded at all (random smoke runs) or a critic module is supplied. A teacher checkpoint of
+    another shape without a ``critic_ckpt`` used to leave the critic silently random; it raises
+    :class:`CriticInitError` naming the differing config fields and parameter shapes."""
+    if cfg.critic_ckpt is not None or has_module or not cfg.teacher_ckpt:
+        return cfg.critic_ckpt
+    cc, tc = cfg.model_config("critic"), cfg.model_config("teacher")
+    if cc == tc:
+        return cfg.teacher_ckpt
+    from dataclasses import fields as _fields
+    from ..model import WanModel
+    diff = [f"{f.name}: critic {getattr(cc, f.name)} vs teacher {getattr(tc, f.name)}" for f in _fields(cc)
+            if getattr(cc, f.name) != getattr(tc, f.name)]
+    with torch.device("meta"):
+        a, b = WanModel(cc).state_dict(), WanModel(tc).state_dict()
+    keys = [f"{k}: critic {list(a[k].shape)} vs teacher {list(b[k].shape)}" for k in a
+            if k in b and a[k].shape != b[k].shape]
+    only = sorted(set(a) ^ set(b))
+    raise CriticInitError(
+        f"the critic cannot start from teacher_ckpt {cfg.teacher_ckpt!r}: the critic and teacher configs differ "
+        f"({'; '.join(diff)}); {len(keys)} parameter shapes differ (e.g. {'; '.join(keys[:3]) or 'none'})"
+        + (f", {len(only)} keys exist in only one (e.g. {', '.join(only[:3])})" if only else "")
+        + ". Allowed: a critic config equal to the teacher's (it starts from teacher_ckpt), or an explicit "
+          "critic_ckpt with the critic's shape (the reference starts its 1.3B critic from the base 1.3B Wan); "
+          "a random critic only in runs that load no teacher weights")
+
+
 class Trainer:
     """Generator (causal student), critic (fake score) and teacher (real score) with their optimizers.
 
@@ -62,6 +95,7 @@ class Trainer:
         self.log_fn = log
         self.rcfg = cfg.rolling_config()
         modules = modules or {}
+        critic_ckpt = critic_init(cfg, has_module=modules.get("critic") is not None)  # before minutes of building
         dist_bf16 = self.info.distributed and cfg.mixed_precision
         mesh = device_mesh(self.info, cfg.sharding) if self.info.distributed else None
         common = dict(mesh=mesh, attention=cfg.attention)
@@ -74,9 +108,6 @@ class Trainer:
                                  seed=cfg.init_seed + 2, trainable=False, dtype=t_dtype,
                                  compute_dtype=torch.bfloat16 if (t_dtype == torch.bfloat16 or dist_bf16) else None,
                                  bf16=dist_bf16 or t_dtype == torch.bfloat16, module=modules.get("teacher"), **common)
-        critic_ckpt = cfg.critic_ckpt
-        if critic_ckpt is None and cfg.teacher_ckpt and cfg.model_config("critic") == cfg.model_config("teacher"):
-            critic_ckpt = cfg.teacher_ckpt
         self.critic = build_dit(cfg.model_config("critic"), self.info, ckpt=critic_ckpt, seed=cfg.init_seed + 1,
                                 trainable=True, checkpointing=cfg.gradient_checkpointing,
                                 compute_dtype=torch.bfloat16 if dist_bf16 else None, bf16=dist_bf16,
@@ -188,7 +219,12 @@ class Trainer:
         c = self.cfg
         t0 = time.perf_counter()
         stats: dict = {"step": self.step}
-        if self.step % c.gen_update_every == 0:
+        if c.lr_warmup_steps:  # linear warm-up of both learning rates (a function of the step: resumes exactly)
+            f = min(1.0, (self.step + 1) / c.lr_warmup_steps)
+            for opt, lr in ((self.gen_opt, c.lr), (self.critic_opt, c.lr_critic)):
+                for gr in opt.param_groups:
+                    gr["lr"] = lr * f
+        if self.step % c.gen_update_every == 0 and self.step >= c.critic_warmup_steps:
             stats.update(self.generator_step())
         stats.update(self.critic_step())
         self.step += 1
