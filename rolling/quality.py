@@ -582,6 +582,17 @@ def write(res: dict, out_dir: str, command: str) -> list[str]:
     return paths
 
 
+def read(out_dir: str) -> dict:
+    """The results of :func:`write` back from ``out_dir`` (the benchmarks whose files exist)."""
+    res = {}
+    for b, name in FILES.items():
+        p = os.path.join(out_dir, name)
+        if os.path.isfile(p):
+            with open(p) as f:
+                res[b] = json.load(f)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rolling bench quality",
                                 description="toy-world quality benchmarks of the causal student (drift, teacher vs "
@@ -598,7 +609,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=None, help="write the JSON files here (default bench/results; none with "
                    "--bounded)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--tables-from", default=None, metavar="DIR", help="print the tables of the JSON files in DIR "
+                   "(written by an earlier run) and exit")
     a = p.parse_args(argv)
+    if a.tables_from:
+        print(tables(read(a.tables_from)))
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     benches = tuple(x.strip() for x in a.only.split(",") if x.strip())
