@@ -182,8 +182,8 @@ def wan_detection_overrides(overrides: dict):
         md = importlib.import_module("comfy.model_detection")
         orig = md.detect_unet_config
     except (ImportError, AttributeError):
-        raise comfy.missing("comfy.model_detection.detect_unet_config",
-                            "to build a Wan2.1 DiT with a non-standard head count or text width (the toy model)") from None
+        raise comfy.missing("comfy.model_detection.detect_unet_config", "to build a Wan2.1 DiT with a "
+                            "non-standard head count or text width (the toy model)") from None
 
     def detect(*args, **kwargs):
         cfg = orig(*args, **kwargs)

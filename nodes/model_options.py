@@ -6,7 +6,6 @@ dtype ComfyUI will use, and why a MODEL cannot be sampled.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import replace
 from typing import Sequence
@@ -17,8 +16,6 @@ from ..rolling.attention import BACKENDS as ATTENTION_BACKENDS
 from ..rolling.config import WanConfig
 from ..rolling.loading import WEIGHT_CHOICES
 from ..rolling.toy import store as toy_store
-
-log = logging.getLogger("RollingForcing")
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -41,8 +38,7 @@ def checkpoint_files(names: Sequence[str]) -> list[str]:
 
 TOY_MODEL = "toy (built-in, no download)"
 """The loader's choice for the toy world's causal student (``rolling/toy/weights``), listed before the files."""
-TOY_STUDENT_PATH = getattr(toy_store, "STUDENT_PATH", os.path.join(toy_store.WEIGHTS_DIR, "toy_student.safetensors"))
-TOY_TEACHER_PATH = toy_store.TEACHER_PATH
+TOY_STUDENT_PATH = toy_store.STUDENT_PATH
 
 
 def model_choices(names: Sequence[str]) -> list[str]:
@@ -52,17 +48,11 @@ def model_choices(names: Sequence[str]) -> list[str]:
 
 
 def toy_model_path() -> str:
-    """The file behind :data:`TOY_MODEL`: the causal few-step student; while a checkout has none yet,
-    the bidirectional teacher (same architecture; few-step causal sampling then gives rougher video)."""
-    if os.path.isfile(TOY_STUDENT_PATH):
-        return TOY_STUDENT_PATH
-    if os.path.isfile(TOY_TEACHER_PATH):
-        log.warning("[RollingForcing] %s: %s is missing, loading the bidirectional toy teacher %s instead (rebuild the "
-                    "student with `python scripts/train_toy.py student`)", TOY_MODEL, TOY_STUDENT_PATH,
-                    TOY_TEACHER_PATH)
-        return TOY_TEACHER_PATH
-    raise ValueError(f"{TOY_MODEL}: the toy weights are missing ({TOY_STUDENT_PATH}); reinstall the pack or rebuild "
-                     f"them with `python scripts/train_toy.py all`")
+    """The file behind :data:`TOY_MODEL`: the toy world's causal few-step student."""
+    if not os.path.isfile(TOY_STUDENT_PATH):
+        raise ValueError(f"{TOY_MODEL}: the toy student's weights are missing ({TOY_STUDENT_PATH}); reinstall the pack "
+                         f"or rebuild them with `python scripts/train_toy.py student`")
+    return TOY_STUDENT_PATH
 
 
 # ----------------------------------------------------------------------------- architecture from shapes + metadata

@@ -36,11 +36,9 @@ def toy_reference():
     """(WanModel, WanConfig) of the file behind the toy choice, loaded by ``rolling.toy`` (not by the pack)."""
     from rolling.config import WanConfig
     from rolling.toy import store
-    from rolling.toy.store import TEACHER_PATH
 
     path = pack(env.comfyui()).nodes.model_options.toy_model_path()
-    if path == TEACHER_PATH:
-        return store.load_teacher(path), store.teacher_config(path)
+    assert path == store.STUDENT_PATH
     return store.load_student(path), WanConfig.from_dict(store.student_metadata(path)["wan_config"])
 
 
