@@ -207,7 +207,7 @@ def live_tensor_bytes(device) -> int:
         objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     for o in objs:
         try:
-            if isinstance(o, torch.Tensor) and o.device.type != "meta":
+            if isinstance(o, torch.Tensor) and o.device.type != "meta" and not _is_fake(o):
                 st = o.untyped_storage()
                 if st.data_ptr() not in seen:
                     seen.add(st.data_ptr())
@@ -215,6 +215,15 @@ def live_tensor_bytes(device) -> int:
         except Exception:
             continue
     return total
+
+
+def _is_fake(t) -> bool:
+    """A FakeTensor torch.compile left behind (no storage of its own: not counted)."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:
+        return False
+    return isinstance(t, FakeTensor)
 
 
 def timing_summary(times: list[float], frames_per_block: int, total: float, blocks_done: int) -> dict:
@@ -388,9 +397,12 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
         error, failure = f"{type(e).__name__}: {lines[0] if lines else ''}", e
     finally:
         it.close()
+    n_graphs = s.compiled.graphs
     whole = total.since()
     st = after.since() if after is not None else None
     steady_times = times[warm:]
+    del s, it, ctx
+    torch._dynamo.reset()  # the compiled graphs (and their fake tensors) go: later timings see an eager process
     breaks, reasons = whole["graph_breaks"], whole["graph_break_reasons"]
     exc = torch._dynamo.exc
     recompile_failure = isinstance(failure, (exc.FailOnRecompileLimitHit, exc.RecompileError))
@@ -407,7 +419,7 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
         "recompile_limit_hit": bool(whole["recompile_limit_hits"]) or recompile_failure,
         "recompiles": None if st is None else st["frame_compiles"],
         "recompile_reasons": None if st is None else st["recompile_reasons"],
-        "compiled_graphs": s.compiled.graphs, "dynamo_graphs": whole["graphs"],
+        "compiled_graphs": n_graphs, "dynamo_graphs": whole["graphs"],
         "dynamo_frame_compiles": whole["frame_compiles"], "dynamo_recompiles_warmup": whole["recompiles"] - (
             st["recompiles"] if st else 0),
         "compile_warmup_blocks": warm, "compile_steady_blocks": len(steady_times),
@@ -585,6 +597,7 @@ def overlap_probe(make_stream, make_decoder, *, blocks: int, frames_per_block: i
     return {"decode_overlap_fraction": fraction(t_overlap), "decode_overlap_fraction_serial": fraction(t_serial),
             "t_sample_s": t_sample, "t_decode_s": t_decode, "t_overlapped_s": t_overlap, "t_serial_s": t_serial,
             "decode_to_sample_time_ratio": t_decode / t_sample if t_sample > 0 else None,
+            "decode_overlap_noise": abs(t_serial - t_sample - t_decode) / t_decode if t_decode > 0 else None,
             "overlap_blocks": blocks, "overlap_frames": int(decoded.frames_done), "overlap_outputs_equal": same,
             "overlap_definitions": {
                 "decode_overlap_fraction": "(t_sample + t_decode - t_overlapped) / t_decode clipped to [0, 1]; "
@@ -592,6 +605,9 @@ def overlap_probe(make_stream, make_decoder, *, blocks: int, frames_per_block: i
                 "decode_overlap_fraction_serial": "the same with collect(overlap=False): decode on the sampling "
                                                   "thread, about 0 (timing noise either way)",
                 "t_decode_s": "decode of the sampled latents plus RunOutputs.add_frames, no sampling",
+                "decode_overlap_noise": "|t_serial - t_sample - t_decode| / t_decode: how far timing noise moves "
+                                        "the fraction (the serial run should equal the sum); above ~0.2 the "
+                                        "fraction says little (a decode much cheaper than sampling, a busy machine)",
             }}, decoded
 
 
@@ -618,6 +634,7 @@ def write_path_probe(frame_blocks, frames_per_block: int = 3, fps: float = 16) -
     h, w = frame_blocks[0].shape[2:4]
     n = sum(int(f.shape[1]) for f in frame_blocks)
     convert = 0.0
+    _host_frames(frame_blocks[0][0], w, h)  # first-call costs out of the figure
     for f in frame_blocks:  # the conversion alone (what write() does first)
         t0 = time.perf_counter()
         _host_frames(f[0], w, h)

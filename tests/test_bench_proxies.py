@@ -154,7 +154,7 @@ def test_overlap_fraction_is_high_with_the_worker_and_about_zero_without():
     assert 0.0 <= r["decode_overlap_fraction_serial"] <= r["decode_overlap_fraction"] <= 1.0
     assert r["decode_overlap_fraction"] > 0.5, r  # ideal: 5 of 6 decodes hidden behind sampling
     assert r["decode_overlap_fraction_serial"] < 0.25, r
-    assert r["overlap_outputs_equal"] is True
+    assert r["overlap_outputs_equal"] is True and 0 <= r["decode_overlap_noise"] < 0.5
     assert r["overlap_frames"] == pixel_frames(blocks * fb) == decoded.frames.shape[1]
 
 
