@@ -226,3 +226,10 @@ def test_gpu_smoke_times_each_attention_option_separately():
     args = smoke.parse_args(["--device", "cpu", "--config", "tiny", "--attention", "all"])
     assert args.attentions == ["auto", "sdpa", "cudnn", "flash", "sage"]
     assert smoke.parse_args(["--attention", "sdpa"]).attention == "sdpa"
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--proxies"])
+def test_bench_refuses_compile_and_proxies_on_meta(flag, capsys):
+    from rolling.cli import main
+    assert main(["bench", "--device", "meta", flag]) == 2
+    assert f"{flag} runs the model: use --device cpu or cuda" in capsys.readouterr().err
