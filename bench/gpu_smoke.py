@@ -430,7 +430,10 @@ def print_table(rows, common) -> None:
         if "error" in res:
             print(f"{res['weight_dtype']:8} FAILED: {res['error']}")
             continue
+        many = "," in str(common["attention"])
         for name, r in res["runs"].items():
+            if many:  # one row set per attention option: name it (and the kernel that ran)
+                name = f"{name} [{res['attention']}: {res['attention_backend']}]"
             print(f"{res['weight_dtype']:8} {str(r['compute_dtype']):9} {name:9} {f(r['first_block_s']):>13} "
                   f"{f(r['block_ms_median'], '{:.1f}'):>12} {f(r['block_ms_p99'], '{:.1f}'):>8} "
                   f"{f(r['steady_fps'], '{:.2f}'):>7} {f(gib(r['peak_allocated_bytes']), '{:.2f}'):>14} "
