@@ -17,12 +17,16 @@ snapshot. Arguments are checked first (:func:`check_args`): a bad ``--device``, 
 (:func:`warmup_blocks`: the cache fills, every ramp-up layout compiles its graph) and then one full
 turn of the ring and one more block of steady windows. It reports ``graph_breaks`` (whole run),
 ``recompiles`` (frame compiles during the steady blocks: 0 means no steady window or ring position
-compiled anything), ``compiled_graphs`` and the reasons Dynamo gives (:class:`rolling.probes.DynamoCounters`).
+compiled anything), ``compiled_graphs`` and the reasons Dynamo gives (:class:`rolling.probes.DynamoCounters`);
+a fullgraph failure counts as a graph break (``compile_error`` says which), a recompile-limit hit as a
+recompile (``recompile_limit_hit``), and ``graph_host_syncs`` counts ``.item()``-like reads Dynamo traced
+into a graph without a break.
 
 ``--proxies`` (:func:`cpu_proxies`) measures what a CPU can say about real-time streaming:
 
 * ``kernel_launches_per_block``: aten ops dispatched per steady block that launch a kernel,
-  counted with a ``TorchDispatchMode`` (:class:`rolling.probes.OpProbe`) on an eager run;
+  counted with a ``TorchDispatchMode`` (:class:`rolling.probes.OpProbe`) on an eager run
+  (``kernel_launches_per_block_reference`` / ``_fused``: both update modes);
 * ``write_path_host_ms_per_frame``: host-thread time per frame of handing decoded float frames to
   the video writer (``RunOutputs.add_frames`` -> ``StreamingVideoWriter.write``: float -> uint8, copy,
   queue), at the bench's frame size and at 832x480 (``..._832x480``), with the uint8 conversion alone
@@ -30,7 +34,8 @@ compiled anything), ``compiled_graphs`` and the reasons Dynamo gives (:class:`ro
 * ``decode_overlap_fraction``: sampling alone (t_sample), decoding the same latents alone
   (t_decode) and both through ``collect(overlap=True)`` (the decoder on the worker thread,
   t_overlapped): (t_sample + t_decode - t_overlapped) / t_decode clipped to [0, 1];
-  ``decode_overlap_fraction_serial`` is the same with ``overlap=False`` (about 0). The decoder is the toy
+  ``decode_overlap_fraction_serial`` is the same with ``overlap=False`` (about 0), and
+  ``decode_overlap_noise`` how far timing noise moves the fraction. The decoder is the toy
   VAE's streaming decoder (``rolling.toy.vae``, random weights: its cost does not depend on them;
   a stand-in conv decoder where the toy world is missing); ``decode_to_sample_time_ratio`` says how
   heavy it is next to the DiT. On a CPU the overlap is bounded by the cores the two threads share:
