@@ -79,6 +79,10 @@ class SamplerRun:
         else:
             prompt = prepare_text(run_inputs.conditioning_tensor(positive))
             batch = prompt.shape[0]
+        if vae is not None and arch.text_dim != model_options.WAN_TEXT_DIM:
+            raise ValueError(f"this MODEL takes {arch.text_dim}-wide text (the toy model), so its latents are toy-VAE "
+                             "latents that a Wan2.1 VAE or TAEHV cannot decode; leave the sampler's vae input empty and "
+                             "decode the LATENT with Rolling Forcing Toy Decode")
         decoder_label = check_wan21_vae(vae) if vae is not None else None  # which decoder stream_decoder() picks
         if stream_to_disk and (vae is None or batch != 1):
             raise ValueError("stream_to_disk needs a VAE (Load VAE with wan_2.1_vae.safetensors) and one prompt "

@@ -238,3 +238,11 @@ def test_the_frames_show_what_the_caption_asks_for(cu):
         assert score["colour"] >= 0.6, (caption, score)
     assert shown[RED_DARK] == ("red", "dark") and shown[BLUE_LIGHT] == ("blue", "light")
     print(f"two toy videos through ComfyUI's executor: {time.perf_counter() - t0:.2f} s")
+
+
+def test_the_toy_model_with_a_wan_vae_is_refused_before_sampling(cu, toy, vae):
+    """A Wan2.1 VAE cannot decode toy latents: the sampler says so (and what to use) instead of decoding garbage."""
+    cond = env.node_class("RollingForcingToyTextEncode").execute(RED_DARK)[0]
+    node = env.prepared_node("RollingForcingSampler", "61")
+    with pytest.raises(ValueError, match="toy model.*leave the sampler's vae input empty.*Rolling Forcing Toy Decode"):
+        node.execute(toy, cond, 64, 64, 1.0, 0, vae=vae)
