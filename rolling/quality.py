@@ -106,7 +106,9 @@ def load_causal(path: str | None = None, *, teacher: bool = False) -> CausalMode
                 steps = tuple(int(s) for s in student_timesteps(path))
                 base = store.student_rolling_config(path) if hasattr(store, "student_rolling_config") else None
                 p = path or getattr(store, "STUDENT_PATH", None)
-                return CausalModel(model, steps, "student", p, base=base)
+                meta = store.student_metadata(path) if hasattr(store, "student_metadata") else {}
+                note = ", ".join(f"{k} {meta[k]}" for k in ("stage", "command") if k in meta)
+                return CausalModel(model, steps, "student", p, note, base=base)
             except FileNotFoundError:
                 if path is not None:
                     raise
@@ -354,8 +356,8 @@ def block_labels(frames: np.ndarray, num_blocks: int) -> list[dict]:
 def switch_run(cm, vae, text, before: str, after: str, *, seconds: float, switch_s: float, seed: int,
                transition="cut", recache="none", applies="entering", settle_s: float = 2.0) -> dict:
     """One run with a switch: latency (blocks from the switch block to the first block from which the
-    changed attributes read as the new prompt's for 3 blocks in a row; negative = earlier, possible with
-    ``applies=window``), jump at the switch (RMS change latent / pixel between the last frame before the
+    changed colour / background read as the new prompt's for 3 blocks in a row; negative = earlier,
+    possible with ``applies=window``; per attribute, shape too, in ``latency_blocks_by_attribute``), jump at the switch (RMS change latent / pixel between the last frame before the
     switch block and its first, and the largest change within a window either side, over the run's
     median frame-to-frame change), accuracy before (vs ``before``) and after (``settle_s`` on, vs ``after``)."""
     from .toy.captions import parse_caption
@@ -366,15 +368,17 @@ def switch_run(cm, vae, text, before: str, after: str, *, seconds: float, switch
     frames = decode(vae, z)
     A, B = parse_caption(before), parse_caption(after)
     changed = [k for k in ("background", "colour", "shape") if A[k] != B[k]]
+    primary = [k for k in changed if k != "shape"]  # the attributes the detector reads reliably (shape: weakest)
     labels = block_labels(frames, n)
     T = len(cm.steps)
-    shows = [all(lb[k] == B[k] for k in changed) for lb in labels]
-    latency = None
-    if changed:
+    shows = [all(lb[k] == B[k] for k in primary) for lb in labels]
+    def first_shown(ok):
         for b in range(max(0, s - T), n - 2):
-            if all(shows[b:b + 3]):
-                latency = b - s
-                break
+            if all(ok[b:b + 3]):
+                return b - s
+        return None
+    latency = first_shown(shows) if primary else None
+    by_attr = {k: first_shown([lb[k] == B[k] for lb in labels]) for k in changed}
     lat_d = [_rms(z[:, :, i + 1], z[:, :, i]) for i in range(z.shape[2] - 1)]
     px_d = [_rms(frames[i + 1], frames[i]) for i in range(len(frames) - 1)]
     ls, ps = 3 * s, first_pixel(3 * s)  # first latent / pixel frame of the switch block
@@ -388,7 +392,7 @@ def switch_run(cm, vae, text, before: str, after: str, *, seconds: float, switch
     clean = s - T if s - T >= 2 else s  # blocks no window with the new prompt touched (if there are enough)
     before_s = detect.score(frames[:first_pixel(3 * clean)], before)
     return {"before": before, "after": after, "seed": seed, "switch_block": s, "switch_s": round(TL.block_start(s), 3),
-            "changed": changed, "latency_blocks": latency,
+            "changed": changed, "latency_blocks": latency, "latency_blocks_by_attribute": by_attr,
             "latency_s": None if latency is None else round(latency * TL.block_seconds, 3),
             "jump_latent": round(lat_d[ls - 1] / typ_l, 3), "jump_pixel": round(px_d[ps - 1] / typ_p, 3),
             "max_jump_latent_near": round(max(lat_d[i] for i in near_l) / typ_l, 3),
@@ -410,12 +414,17 @@ def bench_switch(cm, vae, text, *, pairs=SWITCH_PAIRS, seeds=(0, 1), variants=SW
         name = f"{tr}" + (f"+{rc}" if rc != "none" else "") + f" ({ap})"
         runs = [switch_run(cm, vae, text, a, b, seconds=seconds, switch_s=switch_s, seed=seed, transition=tr,
                            recache=rc, applies=ap) for a, b in pairs for seed in seeds]
-        lat = [r["latency_blocks"] for r in runs if r["changed"]]
+        lat = [r["latency_blocks"] for r in runs if set(r["changed"]) - {"shape"}]
         ok = [x for x in lat if x is not None]
         summ = {"transition": tr, "recache": rc, "applies": ap, "runs": len(runs),
                 "switched": round(len(ok) / len(lat), 3) if lat else None,
                 "latency_blocks": round(float(np.mean(ok)), 2) if ok else None,
                 "latency_blocks_max": max(ok) if ok else None}
+        for k in ("colour", "background", "shape"):  # per attribute, over the runs that change it
+            la = [r["latency_blocks_by_attribute"][k] for r in runs if k in r["changed"]]
+            got = [x for x in la if x is not None]
+            summ[f"{k}_switched"] = round(len(got) / len(la), 3) if la else None
+            summ[f"{k}_latency_blocks"] = round(float(np.mean(got)), 2) if got else None
         for k in ("jump_latent", "jump_pixel", "max_jump_latent_near", "max_jump_pixel_near"):
             summ[k] = round(float(np.mean([r[k] for r in runs])), 3)
         summ["after"] = mean_rows([r["after"] for r in runs], ATTRS + ("found",))
@@ -467,17 +476,21 @@ def tables(results: dict) -> str:
         d = results["switch"]
         out.append(f"Prompt switches: {len(d['pairs'])} caption pairs x {len(d['seeds'])} seeds, switch at "
                    f"{d['switch_s']:g} s of {d['seconds']:g} s; latency in blocks of 0.75 s (first block from which the "
-                   "changed attributes read as the new prompt for 3 blocks; negative = before the switch block); "
+                   "changed colour and background read as the new prompt for 3 blocks; negative = before the switch block; "
+                   "shape separately: the weakest attribute); "
                    "jumps = RMS change at the switch / the run's median frame-to-frame change")
         out.append("")
-        out.append("| transition | applies | switched | latency (blocks) | max | jump latent | jump pixel | "
+        out.append("| transition | applies | switched | latency (blocks) | max | colour: switched, latency | "
+                   "background: switched, latency | shape: switched, latency | jump latent | jump pixel | "
                    "max jump near (latent / pixel) | after: bg | colour | shape | motion |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, r in d["variants"].items():
             a = r["after"]
             tr = r["transition"] + (f" + recache {r['recache']}" if r["recache"] != "none" else "")
+            per = " | ".join(f"{_f(r.get(k + '_switched'))}, {_f(r.get(k + '_latency_blocks'))}"
+                             for k in ("colour", "background", "shape"))
             out.append(f"| {tr} | {r['applies']} | {_f(r['switched'])} | {_f(r['latency_blocks'])} | "
-                       f"{_f(r['latency_blocks_max'])} | {_f(r['jump_latent'])} | {_f(r['jump_pixel'])} | "
+                       f"{_f(r['latency_blocks_max'])} | {per} | {_f(r['jump_latent'])} | {_f(r['jump_pixel'])} | "
                        f"{_f(r['max_jump_latent_near'])} / {_f(r['max_jump_pixel_near'])} | {_f(a['background'])} | "
                        f"{_f(a['colour'])} | {_f(a['shape'])} | {_f(a['motion'])} |")
         out.append("")
