@@ -120,7 +120,10 @@ def load_causal(path: str | None = None, *, teacher: bool = False) -> CausalMode
 
 def rolling_config(cm: CausalModel, **kw) -> RollingConfig:
     """The run's config: the model's steps, fused cache updates (the default), other settings as given."""
-    return (cm.base or RollingConfig(steps=cm.steps)).with_(**kw)
+    cfg = (cm.base or RollingConfig(steps=cm.steps)).with_(**kw)
+    if cfg.frames_per_block != 3:  # the bucket / switch arithmetic here is for 3-frame blocks (the release's)
+        raise ValueError(f"the quality benchmarks expect 3 latent frames per block, the model has {cfg.frames_per_block}")
+    return cfg
 
 
 def sample(cm: CausalModel, context, num_blocks: int, *, seed: int = 0, **cfg) -> tuple[torch.Tensor, float]:
