@@ -137,6 +137,10 @@ def run_student(args, control: bool = False) -> None:
     te = time.perf_counter()
     ev = distill.make_eval_set(teacher, distill.eval_captions(scfg.eval_captions), seed=4242 + args.seed)
     eval_set_s = time.perf_counter() - te
+    te = time.perf_counter()
+    before_ode = {"distances": distill.distances(distill.causal_student_from(teacher).eval(), ev),
+                  "what": "the teacher's weights run causally as the few-step student (before any training)"}
+    eval_set_s += time.perf_counter() - te
     student, ode_rec = _ode_init_student(args, teacher, ev, scfg)
     t_ode = time.perf_counter() - t0
     if not control and not args.no_early_save:  # a usable student as soon as the ODE init is done
@@ -151,7 +155,8 @@ def run_student(args, control: bool = False) -> None:
                         "guidance": ev.guidance, "seconds": round(eval_set_s, 1),
                         "distance": "mean squared latent distance per element between the student's rolling "
                                     "samples and the teacher's 50-step CFG samples, same noise and caption"},
-           "ode_init": ode_rec, "dmd": dmd_rec}
+           "before_ode_init": before_ode, "ode_init": ode_rec,
+           "ode_init_distances": distill.distances(store.load_student(args.ode_init), ev), "dmd": dmd_rec}
     if not control:
         path = store.save_student(final, training.TEACHER_CONFIG, args.student_out,
                                   denoising_steps=distill.STUDENT_STEPS,

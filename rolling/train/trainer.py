@@ -5,6 +5,11 @@ Per iteration ``step``: if step % 5 == 0 a generator update (rollout with gradie
 always a critic update (a fresh no-grad rollout -> flow-matching loss -> clip 10 -> AdamW). The EMA
 is created when the step counter reaches ``ema_start_step`` (as a copy of the generator) and updated
 after every later generator step. Checkpoints every ``save_every`` steps in the release layout.
+Options (off by default, as in the reference): ``lr_warmup_steps`` (linear warm-up of both learning
+rates), ``critic_warmup_steps`` (the first iterations update only the critic). The critic starts
+from ``critic_ckpt``, else from the teacher's weights when it has the teacher's shape; a teacher of
+another shape without a ``critic_ckpt`` is a :class:`CriticInitError` (it used to leave the critic
+silently random).
 
 Randomness: the rollout length, the branch and the gradient-window offset / exit step are drawn on
 every rank and rank 0's values are broadcast (:meth:`Trainer.choose`); noise and DMD timesteps are
