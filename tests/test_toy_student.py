@@ -63,7 +63,8 @@ def test_ode_init_reduces_the_regression_loss_on_a_fixed_batch():
 
 
 def _dmd_cfg(**kw):
-    base = dict(steps=0, batch=2, lr=1e-3, lr_critic=2e-3, gen_update_every=1, rollout_frames=(21,))
+    base = dict(steps=0, batch=2, lr=1e-3, lr_critic=2e-3, gen_update_every=1, rollout_frames=(21,), warmup=0,
+                critic_warmup=0, betas=(0.0, 0.999))
     base.update(kw)
     return D.DMDConfig(**base)
 
@@ -198,3 +199,17 @@ def test_shipped_student_samples_show_the_captioned_object(tmp_path):
     store.save_student(build_model(TEACHER_CONFIG, seed=0), TEACHER_CONFIG, bad_path, denoising_steps=D.STUDENT_STEPS)
     bad = scores(load_student(bad_path))
     assert sum(s["colour"] for s in bad) / len(bad) < 0.75 or sum(s["found"] for s in bad) / len(bad) < 0.9
+
+
+def test_critic_only_warmup_and_lr_warmup(tmp_path):
+    teacher, student = build_model(TINY, seed=5), build_model(TINY, seed=6)
+    t_path, s_path = _files(tmp_path, teacher, student)
+    tr, _ = D.dmd(s_path, t_path, _dmd_cfg(warmup=4, critic_warmup=2), model_config=TINY, latent_size=HW,
+                  prompts=_bank())
+    lrs = []
+    for _ in range(4):
+        st = tr.train_step()
+        lrs.append((tr.gen_opt.param_groups[0]["lr"], tr.critic_opt.param_groups[0]["lr"], "generator_loss" in st))
+    assert [x[2] for x in lrs] == [False, False, True, True]  # the first 2 iterations train only the critic
+    assert [round(x[0] / 1e-3, 6) for x in lrs] == [0.25, 0.5, 0.75, 1.0]
+    assert [round(x[1] / 2e-3, 6) for x in lrs] == [0.25, 0.5, 0.75, 1.0]
