@@ -64,7 +64,7 @@ def test_ode_init_reduces_the_regression_loss_on_a_fixed_batch():
 
 def _dmd_cfg(**kw):
     base = dict(steps=0, batch=2, lr=1e-3, lr_critic=2e-3, gen_update_every=1, rollout_frames=(21,), warmup=0,
-                critic_warmup=0, betas=(0.0, 0.999))
+                critic_warmup=0, betas=(0.0, 0.999), lr_decay="constant")
     base.update(kw)
     return D.DMDConfig(**base)
 
@@ -213,3 +213,13 @@ def test_critic_only_warmup_and_lr_warmup(tmp_path):
     assert [x[2] for x in lrs] == [False, False, True, True]  # the first 2 iterations train only the critic
     assert [round(x[0] / 1e-3, 6) for x in lrs] == [0.25, 0.5, 0.75, 1.0]
     assert [round(x[1] / 2e-3, 6) for x in lrs] == [0.25, 0.5, 0.75, 1.0]
+    # cosine decay of the generator's lr after the warm-up, to 0 at max_steps; the critic keeps its lr
+    tc = D.train_config(_dmd_cfg(steps=8, warmup=4, lr_decay="cosine"), generator_ckpt=s_path, teacher_ckpt=t_path,
+                        seed=0, model_config=TINY, latent_size=HW)
+    tr = Trainer(tc, prompts=_bank(), log=lambda st: None)
+    gen, crit = [], []
+    for _ in range(8):
+        tr.train_step()
+        gen.append(round(tr.gen_opt.param_groups[0]["lr"] / 1e-3, 4))
+        crit.append(round(tr.critic_opt.param_groups[0]["lr"] / 2e-3, 4))
+    assert gen == [0.25, 0.5, 0.75, 1.0, 1.0, 0.8536, 0.5, 0.1464] and crit == [0.25, 0.5, 0.75] + [1.0] * 5

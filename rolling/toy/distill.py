@@ -351,7 +351,7 @@ class DMDConfig:
 
     steps: int = 800
     batch: int = 4
-    lr: float = 1e-5
+    lr: float = 8e-6
     lr_critic: float = 2e-4
     gen_update_every: int = 5
     guidance: float = 2.0
@@ -364,6 +364,7 @@ class DMDConfig:
     critic_warmup: int = 25
     betas: tuple = (0.9, 0.999)
     betas_critic: tuple = (0.0, 0.999)
+    lr_decay: str = "cosine"
 
 
 @dataclass
@@ -460,7 +461,7 @@ def train_config(cfg: DMDConfig, *, generator_ckpt: str, teacher_ckpt: str, seed
                        gen_update_every=cfg.gen_update_every, ema_decay=cfg.ema_decay,
                        ema_start_step=cfg.ema_start_step, lr_warmup_steps=cfg.warmup,
                        critic_warmup_steps=cfg.critic_warmup, betas=tuple(cfg.betas),
-                       betas_critic=tuple(cfg.betas_critic),
+                       betas_critic=tuple(cfg.betas_critic), lr_decay=cfg.lr_decay,
                        max_steps=cfg.steps, seed=seed, output_dir=os.path.join(tempfile.gettempdir(), "toy_student_dmd"),
                        save_every=0, log_every=0, device="cpu", mixed_precision=False, teacher_dtype="fp32",
                        gradient_checkpointing=False, attention="sdpa")

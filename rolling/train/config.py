@@ -72,6 +72,7 @@ class TrainConfig:
     gen_update_every: int = 5  # generator step when step % 5 == 0; critic every step
     lr_warmup_steps: int = 0  # linear warm-up of both learning rates over the first N iterations (0 = off, reference)
     critic_warmup_steps: int = 0  # first N iterations update only the critic (0 = off, reference)
+    lr_decay: str = "constant"  # generator lr after the warm-up: "constant" (reference) or "cosine" (to 0 at max_steps)
     ema_decay: float = 0.99
     ema_start_step: int = 200
     max_steps: int = 3000
@@ -108,6 +109,8 @@ class TrainConfig:
             raise ValueError("need 0 <= min_timestep <= max_timestep <= num_train_timesteps")
         if self.gen_update_every < 1:
             raise ValueError("gen_update_every must be >= 1")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         if self.lr_warmup_steps < 0 or self.critic_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) and critic_warmup_steps "
                              f"({self.critic_warmup_steps}) must be >= 0")

@@ -6,7 +6,8 @@ always a critic update (a fresh no-grad rollout -> flow-matching loss -> clip 10
 is created when the step counter reaches ``ema_start_step`` (as a copy of the generator) and updated
 after every later generator step. Checkpoints every ``save_every`` steps in the release layout.
 Options (off by default, as in the reference): ``lr_warmup_steps`` (linear warm-up of both learning
-rates), ``critic_warmup_steps`` (the first iterations update only the critic). The critic starts
+rates), ``critic_warmup_steps`` (the first iterations update only the critic), ``lr_decay = "cosine"``
+(the generator's lr decays to 0 at ``max_steps``; the critic keeps its lr to keep tracking). The critic starts
 from ``critic_ckpt``, else from the teacher's weights when it has the teacher's shape; a teacher of
 another shape without a ``critic_ckpt`` is a :class:`CriticInitError` (it used to leave the critic
 silently random).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections import deque
@@ -224,11 +226,15 @@ class Trainer:
         c = self.cfg
         t0 = time.perf_counter()
         stats: dict = {"step": self.step}
-        if c.lr_warmup_steps:  # linear warm-up of both learning rates (a function of the step: resumes exactly)
-            f = min(1.0, (self.step + 1) / c.lr_warmup_steps)
-            for opt, lr in ((self.gen_opt, c.lr), (self.critic_opt, c.lr_critic)):
+        if c.lr_warmup_steps or c.lr_decay != "constant":  # functions of the step: a resume continues exactly
+            f = min(1.0, (self.step + 1) / c.lr_warmup_steps) if c.lr_warmup_steps else 1.0
+            fg = f
+            if c.lr_decay == "cosine" and self.step >= c.lr_warmup_steps:
+                p = min(1.0, (self.step - c.lr_warmup_steps) / max(1, c.max_steps - c.lr_warmup_steps))
+                fg = 0.5 * (1.0 + math.cos(math.pi * p))
+            for opt, lr, k in ((self.gen_opt, c.lr, fg), (self.critic_opt, c.lr_critic, f)):
                 for gr in opt.param_groups:
-                    gr["lr"] = lr * f
+                    gr["lr"] = lr * k
         if self.step % c.gen_update_every == 0 and self.step >= c.critic_warmup_steps:
             stats.update(self.generator_step())
         stats.update(self.critic_step())
