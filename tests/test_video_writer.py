@@ -342,7 +342,7 @@ SIGKILL_CHILD = textwrap.dedent(
     for i in range(runs):
         path, kf, q = f"{out}/kill{i}.mp4", rng.randint(1, 16), rng.randint(1, 8)
         reports = 0 if i < 4 else rng.randint(1, 25)  # kill after that many writes, then a random delay
-        delay = rng.uniform(0, 0.02 if reports else 0.1)
+        delay = rng.uniform(0, 0.02 if reports else 0.1) if i >= 2 else 0.0  # runs 0, 1: killed at once
         r, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the writer: streams until it is killed, reporting what it has on disk
