@@ -1,4 +1,5 @@
-"""Train (and evaluate) the toy world's VAE and bidirectional teacher on CPU, reproducibly from a seed.
+"""Train (and evaluate) the toy world's VAE, bidirectional teacher and causal few-step student on CPU,
+reproducibly from a seed.
 
     python scripts/train_toy.py vae       # -> rolling/toy/weights/toy_vae.safetensors, bench/results/toy_vae_train.json
     python scripts/train_toy.py teacher   # (needs the VAE) -> toy_teacher.safetensors, bench/results/toy_teacher_train.json
@@ -9,7 +10,9 @@
     python scripts/train_toy.py eval      # re-evaluate the shipped weights -> bench/results/toy_eval.json
 
 Training uses ``--threads`` (default 2) CPU threads; results depend only on the seed (and the thread
-count, through float summation order).
+count, through float summation order). ``student`` caches its ODE-init student at ``--ode-init`` and a
+later ``student`` / ``student-control`` with the same seed, ODE config, teacher file and thread count
+reuses it (the control then starts DMD from the very same weights).
 """
 from __future__ import annotations
 
@@ -109,7 +112,11 @@ def _ode_init_student(args, teacher, ev, scfg):
     """ODE init, or reuse of a cached ODE-init file written by an earlier run with the same seed and config."""
     import json as _json
     from rolling.toy import distill
-    key = _json.dumps({"seed": args.seed, "ode": distill.asdict(scfg.ode)}, sort_keys=True)
+    import hashlib
+    with open(args.teacher_out, "rb") as f:  # a retrained teacher (e.g. `all`) must not reuse an old ODE init
+        teacher_sha = hashlib.sha256(f.read()).hexdigest()[:16]
+    key = _json.dumps({"seed": args.seed, "ode": distill.asdict(scfg.ode), "teacher_sha256": teacher_sha,
+                       "threads": args.threads}, sort_keys=True)
     if os.path.isfile(args.ode_init):
         meta = store.student_metadata(args.ode_init)
         if meta.get("ode_key") == key:

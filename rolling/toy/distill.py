@@ -331,6 +331,16 @@ class ODEInitConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("trajectories", "teacher_steps", "steps", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ODEInitConfig.{name} must be a positive integer, got {v!r}")
+        if self.batch > self.trajectories:
+            raise ValueError(f"ODEInitConfig.batch ({self.batch}) must be <= trajectories ({self.trajectories})")
+        if not (self.lr >= 0 and self.min_lr >= 0 and self.warmup >= 0):
+            raise ValueError(f"ODEInitConfig lr ({self.lr}), min_lr ({self.min_lr}), warmup ({self.warmup}) must be >= 0")
+
 
 @dataclass
 class DMDConfig:
@@ -365,6 +375,13 @@ class DMDConfig:
     betas: tuple = (0.9, 0.999)
     betas_critic: tuple = (0.0, 0.999)
     lr_decay: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"DMDConfig.steps must be an integer >= 0, got {self.steps!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"DMDConfig.batch must be a positive integer, got {self.batch!r}")
+        # the rest (lrs, ratio, rollout lengths, warm-ups, lr_decay) is validated by TrainConfig
 
 
 @dataclass
