@@ -66,9 +66,3 @@ def loss_frame_mask(num_frames: int, loss_frames: int, frames_per_block: int) ->
         mask[:frames_per_block] = [False] * frames_per_block
     return mask
 
-
-def grad_frames_rf(num_blocks: int, num_steps: int, offset: int, frames_per_block: int,
-                   loss_frames: int) -> int:
-    """Input frames of all Rolling-Forcing gradient forwards (activation memory of one rollout)."""
-    return sum(len(window_blocks(w, num_blocks, num_steps)) * frames_per_block
-               for w in gradient_windows(num_blocks, num_steps, offset, frames_per_block, loss_frames))
