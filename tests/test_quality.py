@@ -83,7 +83,10 @@ def test_switch_run_measures_a_known_switch():
     r = quality.switch_run(cm, load_vae(), TextEncoder(), "a red circle drifting left on a dark background",
                            "a red circle drifting left on a light background", seconds=9.0, switch_s=4.5, seed=0)
     assert r["changed"] == ["background"] and r["switch_block"] == Timeline().block_at(4.5)
-    shows = r["shows_new_by_block"]
+    shows, s, T = r["shows_new_by_block"], r["switch_block"], len(cm.steps)
+    # blocks finished before the switch block entered the window never saw the new prompt: still dark
+    assert not any(shows[:s - T + 1]), shows
+    assert r["latency_blocks"] is not None and -T < r["latency_blocks"] <= 3, r["latency_blocks"]
     if r["latency_blocks"] is not None:
         b = r["switch_block"] + r["latency_blocks"]
         assert all(shows[b:b + 3]) and not all(shows[b - 1:b + 2])  # the first such block
