@@ -100,6 +100,35 @@ def score_segments(frames: np.ndarray, segments: list[tuple[int, str]], fb: int 
     return out
 
 
+def _stream_to_mp4(out: str, width: int, height: int, total_px: int, blocks, to_frames, num_blocks: int,
+                   *, flush: bool, quiet: bool) -> dict:
+    """Write each finished block's frames (``to_frames(block)`` -> [n, H, W, 3]) to ``out`` as the sampler
+    yields them; returns the timing: frames written, elapsed and first-block seconds, blocks/s."""
+    from .video import StreamingVideoWriter
+
+    t0 = time.perf_counter()
+    first_latency, written = None, 0
+    with StreamingVideoWriter(out, width, height, fps=PIXEL_FPS, check_space_frames=total_px) as writer:
+        for blk in blocks:
+            frames = to_frames(blk)
+            writer.write(frames)
+            written += len(frames)
+            if flush:
+                writer.flush()
+            if first_latency is None:
+                first_latency = time.perf_counter() - t0
+            if not quiet and (flush or blk.index % 10 == 0 or blk.index == num_blocks - 1):
+                el = time.perf_counter() - t0
+                print(f"  block {blk.index + 1}/{num_blocks}  {(blk.index + 1) / el:.2f} blocks/s", flush=True)
+    elapsed = time.perf_counter() - t0
+    stats = {"blocks": num_blocks, "frames": written, "seconds_of_video": written / PIXEL_FPS,
+             "elapsed_s": elapsed, "blocks_per_s": num_blocks / elapsed, "first_block_s": first_latency, "out": out}
+    if not quiet:
+        print(f"done: {num_blocks} blocks in {elapsed:.2f} s = {stats['blocks_per_s']:.2f} blocks/s "
+              f"({written / elapsed:.1f} frames/s), first block after {first_latency:.2f} s -> {out}")
+    return stats
+
+
 def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: str | None = None,
              story: str | None = None, random_model: bool = False, student: str | None = None,
              scale: int = 4, latent_hw=None, seed: int = 0, update_mode: str = "fused", device: str = "cpu",
@@ -117,7 +146,6 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
     from .quality import load_causal
     from .toy import TextEncoder, load_vae
     from .toy.world import from_video
-    from .video import StreamingVideoWriter
 
     if not isinstance(scale, int) or not 1 <= scale <= 16:
         raise ValueError(f"scale must be a whole number from 1 to 16, got {scale!r}")
@@ -140,31 +168,16 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
             print(f"  {Timeline().clock(Timeline().block_start(b))} (block {b}) {cap}", flush=True)
         print(f"demo: {num_blocks} blocks = {num_blocks * cfg.frames_per_block} latent frames = {total_px} frames "
               f"({total_px / PIXEL_FPS:.2f} s at {PIXEL_FPS} fps), {W}x{H}, writing {out}", flush=True)
-    t0 = time.perf_counter()
-    first_latency, written = None, 0
-    with StreamingVideoWriter(out, W, H, fps=PIXEL_FPS, check_space_frames=total_px) as writer:
-        for blk in sampler.stream(sched, num_blocks):
-            with torch.no_grad():
-                frames = from_video(decoder.decode(blk.latents.float()))[0]  # [n, 64, 64, 3] in [0, 1]
-            if scale > 1:
-                frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-            writer.write(frames)
-            written += len(frames)
-            if flush:
-                writer.flush()
-            if first_latency is None:
-                first_latency = time.perf_counter() - t0
-            if not quiet and (flush or blk.index % 10 == 0 or blk.index == num_blocks - 1):
-                el = time.perf_counter() - t0
-                print(f"  block {blk.index + 1}/{num_blocks}  {(blk.index + 1) / el:.2f} blocks/s", flush=True)
-    elapsed = time.perf_counter() - t0
+    def toy_frames(blk):
+        with torch.no_grad():
+            frames = from_video(decoder.decode(blk.latents.float()))[0]  # [n, 64, 64, 3] in [0, 1]
+        return frames.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else frames
+
+    stats = _stream_to_mp4(out, W, H, total_px, sampler.stream(sched, num_blocks), toy_frames, num_blocks,
+                           flush=flush, quiet=quiet)
     scores = score_segments(read_video(out, scale), segments, cfg.frames_per_block)
-    stats = {"blocks": num_blocks, "frames": written, "seconds_of_video": written / PIXEL_FPS,
-             "elapsed_s": elapsed, "blocks_per_s": num_blocks / elapsed, "first_block_s": first_latency,
-             "forwards": sampler.forwards, "out": out, "model": cm.name, "segments": scores, "warnings": warns}
+    stats.update(forwards=sampler.forwards, model=cm.name, segments=scores, warnings=warns)
     if not quiet:
-        print(f"done: {num_blocks} blocks in {elapsed:.2f} s = {stats['blocks_per_s']:.2f} blocks/s "
-              f"({written / elapsed:.1f} frames/s), first block after {first_latency:.2f} s -> {out}")
         print("detector accuracy of the written video, per prompt segment (fraction of frames; motion per 2-s window):")
         for s in scores:
             acc = "  ".join(f"{k} {s[k]:.2f}" for k in ATTRS if k in s and s[k] == s[k]) or "too short to score"
@@ -175,7 +188,6 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
 def _random_demo(out: str, seconds: float, *, latent_hw, seed: int, update_mode: str, device: str, quiet: bool,
                  flush: bool) -> dict:
     """The tiny random model (no text encoder, no VAE): sampler speed with preview frames."""
-    from .video import StreamingVideoWriter
 
     _fresh(out)
     torch.manual_seed(seed)
@@ -191,29 +203,14 @@ def _random_demo(out: str, seconds: float, *, latent_hw, seed: int, update_mode:
         print(f"demo: random model, {num_blocks} blocks = {num_blocks * cfg.frames_per_block} latent frames = "
               f"{total_px} frames ({total_px / PIXEL_FPS:.2f} s at {PIXEL_FPS} fps), {w * 8}x{h * 8}, writing {out}",
               flush=True)
-    t0 = time.perf_counter()
-    first_latency = None
-    written = 0
-    with StreamingVideoWriter(out, w * 8, h * 8, fps=PIXEL_FPS, check_space_frames=total_px) as writer:
-        for blk in sampler.stream(context, num_blocks):
-            frames = latent_to_rgb(blk.latents)
-            reps = torch.full((frames.shape[0],), 4)
-            if blk.index == 0:
-                reps[0] = 1
-            writer.write(frames.repeat_interleave(reps, dim=0).numpy())
-            written += int(reps.sum())
-            if flush:
-                writer.flush()
-            if first_latency is None:
-                first_latency = time.perf_counter() - t0
-            if not quiet and (flush or blk.index % 10 == 0 or blk.index == num_blocks - 1):
-                el = time.perf_counter() - t0
-                print(f"  block {blk.index + 1}/{num_blocks}  {(blk.index + 1) / el:.2f} blocks/s", flush=True)
-    elapsed = time.perf_counter() - t0
-    stats = {"blocks": num_blocks, "frames": written, "seconds_of_video": written / PIXEL_FPS,
-             "elapsed_s": elapsed, "blocks_per_s": num_blocks / elapsed, "first_block_s": first_latency,
-             "forwards": sampler.forwards, "out": out, "model": "random"}
-    if not quiet:
-        print(f"done: {num_blocks} blocks in {elapsed:.2f} s = {stats['blocks_per_s']:.2f} blocks/s "
-              f"({written / elapsed:.1f} frames/s), first block after {first_latency:.2f} s -> {out}")
+    def random_frames(blk):
+        frames = latent_to_rgb(blk.latents)
+        reps = torch.full((frames.shape[0],), 4)  # each latent frame shown for 4 pixel frames, the very first for 1
+        if blk.index == 0:
+            reps[0] = 1
+        return frames.repeat_interleave(reps, dim=0).numpy()
+
+    stats = _stream_to_mp4(out, w * 8, h * 8, total_px, sampler.stream(context, num_blocks), random_frames,
+                           num_blocks, flush=flush, quiet=quiet)
+    stats.update(forwards=sampler.forwards, model="random")
     return stats

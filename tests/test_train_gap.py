@@ -22,22 +22,11 @@ from rolling.train.config import TrainConfig
 from rolling.train.data import PromptBank
 from rolling.train.losses import teacher_x0
 from rolling.train.rollout import GeneratorNoise, Rollout, RolloutChoice
+from rolling.toy.distill import frechet  # the one Frechet distance of latent sets
 from rolling.train.trainer import Trainer
 
 torch.set_num_threads(1)
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=16)
-
-
-def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussian fits of the channel vectors of two latent sets [B, C, F, H, W]."""
-    c = a.shape[1]
-    a = a.permute(0, 2, 3, 4, 1).reshape(-1, c).double()
-    b = b.permute(0, 2, 3, 4, 1).reshape(-1, c).double()
-    m1, m2, s1, s2 = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s1)
-    r1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
-    return float(((m1 - m2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
 
 
 @torch.no_grad()

@@ -237,7 +237,7 @@ def make_eval_set(teacher, captions: list[str], *, seed: int = 4242, guidance: f
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussian fits (mean, 16x16 covariance) of the per-token channel vectors
-    of two latent sets [B, C, F, H, W] (a latent-space analogue of FID, as in tests/test_train_gap.py)."""
+    of two latent sets [B, C, F, H, W] (a latent-space analogue of FID; also the measure of tests/test_train_gap.py)."""
     c = a.shape[1]
     a = a.permute(0, 2, 3, 4, 1).reshape(-1, c).double()
     b = b.permute(0, 2, 3, 4, 1).reshape(-1, c).double()
