@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             variant = W.WORKFLOW_FILES[name]
             api = W.api_graph(variant)
-            ui = W.add_model_properties(frontend_api_to_ui(page, api, W.note_text(variant), W.NOTE_TITLE))
+            ui = W.add_model_properties(frontend_api_to_ui(page, api, W.note_text(variant), W.NOTE_TITLE), variant)
             ui["id"] = W.workflow_id(name)
             back = frontend_load_ui(page, ui)
             if back["missing"]:

@@ -24,6 +24,7 @@ WORKFLOW_FILES = {
     "rolling_forcing_prompt_story.json": "story",
     "rolling_forcing_long_stream.json": "long_stream",
     "rolling_forcing_long_upscale.json": "long_upscale",
+    "rolling_forcing_toy.json": "toy",
 }
 VARIANTS = tuple(WORKFLOW_FILES.values())
 
@@ -45,6 +46,9 @@ UPSCALE_MODEL = {"name": "RealESRGAN_x2.pth", "directory": "upscale_models",
 LOADER_MODELS = {"CLIPLoader": "clip", "VAELoader": "vae", "RollingForcingModelLoader": "dit",
                  "UpscaleModelLoader": "upscale"}
 ALL_MODEL_FILES = {**MODEL_FILES, "upscale": UPSCALE_MODEL}
+# the loader's choice for the built-in toy model (nodes/model_options.py TOY_MODEL; a test checks they agree)
+TOY_MODEL = "toy (built-in, no download)"
+TOY_CAPTION = "a red circle drifting left on a dark background"
 
 PROMPT = ("A red fox trotting through fresh snow in a sunlit birch forest, its breath visible in the cold air, "
           "cinematic tracking shot, soft golden morning light, shallow depth of field")
@@ -90,8 +94,21 @@ NOTE_LONG_UPSCALE = (
     "the first chunk not yet appended. Upscale model: models/upscale_models/RealESRGAN_x2.pth (ai-forever/"
     "Real-ESRGAN); any 2x model works, or Upscale Image By for no download.")
 
+NOTE_TOY = (
+    "Rolling Forcing on the toy world: no download, runs in seconds on a CPU (64x64, 16 fps).\n\n"
+    "The toy model is a 1M-parameter Rolling Forcing student trained by this pack on procedural videos of one "
+    "shape on a plain background; it ships with the pack (Model Loader: 'toy (built-in, no download)'). It shows "
+    "the sampler, prompts and long streams working end to end before you download the 1.3B model; it is not a "
+    "general video model.\n\n"
+    "Captions follow one grammar: 'a {colour} {shape} {motion} on a {background} background', e.g. 'a blue "
+    "square bouncing on a light background' (the Toy Text Encode tooltip lists every word). The sampler runs "
+    "without a VAE; Toy Decode turns its LATENT into frames (a Wan2.1 VAE cannot decode toy latents and is "
+    "refused). For real video open rolling_forcing_t2v.")
+
 _NOTE_EXTRA = {"t2v": "", "upscale": NOTE_UPSCALE, "story": NOTE_STORY, "long_stream": NOTE_LONG,
                "long_upscale": NOTE_LONG_UPSCALE}
+# variants that load no downloadable model: their own note, no download lists
+_NO_DOWNLOAD = {"toy": NOTE_TOY}
 NOTE_TITLE = "Read me"
 
 
@@ -103,7 +120,8 @@ def _check(variant: str) -> str:
 
 def api_graph(variant: str = "t2v") -> dict:
     """The API graph (``/prompt`` format, with ``_meta.title``) of a workflow variant; a fresh copy."""
-    _check(variant)
+    if _check(variant) == "toy":
+        return _toy_graph()
     g = {
         "1": {"class_type": "RollingForcingModelLoader", "_meta": {"title": "Rolling Forcing Model Loader"},
               "inputs": {"model_name": MODEL_FILES["dit"]["name"], "weights": "ema", "weight_dtype": "default",
@@ -164,6 +182,27 @@ def api_graph(variant: str = "t2v") -> dict:
     return g
 
 
+def _toy_graph() -> dict:
+    """Loader (toy) -> Toy Text Encode -> Sampler (64x64, no VAE) -> Toy Decode -> Create Video -> Save Video."""
+    return {
+        "1": {"class_type": "RollingForcingModelLoader", "_meta": {"title": "Rolling Forcing Model Loader (toy)"},
+              "inputs": {"model_name": TOY_MODEL, "weights": "ema", "weight_dtype": "default", "attention": "auto"}},
+        "2": {"class_type": "RollingForcingToyTextEncode", "_meta": {"title": "Toy caption"},
+              "inputs": {"caption": TOY_CAPTION}},
+        "6": {"class_type": "RollingForcingSampler", "_meta": {"title": "Rolling Forcing Sampler"},
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "width": 64, "height": 64, "seconds": 10.0,
+                         "seed": 42, "steps": "1000,800,600,400,200", "stream_to_disk": False,
+                         "filename_prefix": "video/rolling_forcing_toy", "keep_seconds": 10.0}},
+        "4": {"class_type": "RollingForcingToyDecode", "_meta": {"title": "Toy Decode"},
+              "inputs": {"latent": ["6", 0]}},
+        "7": {"class_type": "CreateVideo", "_meta": {"title": "Create Video"},
+              "inputs": {"images": ["4", 0], "fps": 16.0}},
+        "8": {"class_type": "SaveVideo", "_meta": {"title": "Save Video"},
+              "inputs": {"video": ["7", 0], "filename_prefix": "video/rolling_forcing_toy", "format": "auto",
+                         "codec": "auto"}},
+    }
+
+
 def output_node(variant: str = "t2v") -> str:
     """The id of the workflow's output node (Save Video; Append Video in the chunked workflow)."""
     return "9" if _check(variant) == "long_upscale" else "8"
@@ -171,22 +210,25 @@ def output_node(variant: str = "t2v") -> str:
 
 def note_text(variant: str = "t2v") -> str:
     """The text of the workflow's "Read me" Note node."""
-    return NOTE_TEXT + _NOTE_EXTRA[_check(variant)]
+    if _check(variant) in _NO_DOWNLOAD:
+        return _NO_DOWNLOAD[variant]
+    return NOTE_TEXT + _NOTE_EXTRA[variant]
 
 
-def model_properties(node_type: str) -> list[dict] | None:
-    """``properties.models`` of a loader node (what the frontend offers to download); None for other nodes."""
+def model_properties(node_type: str, variant: str = "t2v") -> list[dict] | None:
+    """``properties.models`` of a loader node (what the frontend offers to download); None for other nodes
+    and in a variant that downloads nothing (the toy)."""
     kind = LOADER_MODELS.get(node_type)
-    if kind is None:
+    if kind is None or _check(variant) in _NO_DOWNLOAD:
         return None
     f = ALL_MODEL_FILES[kind]
     return [{"name": f["name"], "url": f["url"], "directory": f["directory"]}]
 
 
-def add_model_properties(ui: dict) -> dict:
+def add_model_properties(ui: dict, variant: str = "t2v") -> dict:
     """Give each loader node of a UI workflow its ``properties.models`` (mutates and returns ``ui``)."""
     for node in ui["nodes"]:
-        models = model_properties(node["type"])
+        models = model_properties(node["type"], variant)
         if models is not None:
             node.setdefault("properties", {})["models"] = models
     return ui

@@ -11,6 +11,7 @@ import gc
 import time
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -434,6 +435,24 @@ def test_prompt_story_workflow_runs_end_to_end(cu):
     assert probe_frame_count(str(_video_file(cu, out["8"]))) == 201  # 12 s -> 17 blocks -> 201 frames
     info = out["6"]["text"][0]
     assert "0:04.31 (block 6, blend over 2 block(s))" in info and "0:08.06 (block 11" in info
+
+
+def test_toy_workflow_runs_end_to_end_and_shows_its_caption(cu):
+    """The shipped toy graph exactly as a user opens it (real toy weights, no stand-ins, 10 s): a 16 fps
+    64x64 MP4 whose frames show the caption's colour on its background."""
+    import av
+
+    from rolling.toy import detect
+    ex, valid, srv = env.run_prompt(ui_to_api(W.load_workflow("rolling_forcing_toy.json"), env.node_info))
+    assert ex.success, srv.messages[-3:]
+    out = ex.history_result["outputs"]
+    with av.open(str(_video_file(cu, out["8"]))) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.width, s.codec_context.height) == (64, 64) and s.average_rate == 16
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 165  # 10 s -> 14 blocks = 42 latent frames = 165 frames
+    score = detect.score(np.stack(frames), W.TOY_CAPTION)
+    assert score["background"] >= 0.9 and score["found"] >= 0.8 and score["colour"] >= 0.6, score
 
 
 def test_extend_from_a_latent(cu, model, cond):

@@ -29,6 +29,12 @@ def test_every_workflow_file_has_a_source_entry_and_back():
 def test_the_source_is_consistent():
     for variant in W.VARIANTS:
         api = W.api_graph(variant)
+        if variant == "toy":  # the built-in toy model: nothing to download, its own note
+            assert api["1"]["inputs"]["model_name"] == W.TOY_MODEL
+            assert W.note_text(variant) == W.NOTE_TOY
+            assert all(W.model_properties(n["class_type"], variant) is None for n in api.values())
+            assert W.api_graph(variant) == api
+            continue
         assert api["1"]["inputs"]["model_name"] == W.MODEL_FILES["dit"]["name"]
         assert api["2"]["inputs"]["clip_name"] == W.MODEL_FILES["clip"]["name"]
         assert api["4"]["inputs"]["vae_name"] == W.MODEL_FILES["vae"]["name"]
@@ -59,7 +65,8 @@ def test_workflow_file_matches_its_source(cu, name, variant):
     assert notes[0].get("title") == W.NOTE_TITLE
     # the loaders' download lists (and no other node has one)
     for node in ui["nodes"]:
-        assert node.get("properties", {}).get("models") == W.model_properties(node["type"]), (node["type"], REGENERATE)
+        want = W.model_properties(node["type"], variant)
+        assert node.get("properties", {}).get("models") == want, (node["type"], REGENERATE)
     # this pack's nodes have the slots of their current definitions (an input added to a node since the
     # file was made shows up only here: the frontend would add it on load, the API graph is unchanged)
     for node in ui["nodes"]:
@@ -68,3 +75,9 @@ def test_workflow_file_matches_its_source(cu, name, variant):
             declared = {*info["input"].get("required", {}), *info["input"].get("optional", {})}
             assert {i["name"] for i in node.get("inputs", [])} == declared, (node["type"], REGENERATE)
             assert [o["name"] for o in node.get("outputs", [])] == list(info["output_name"]), (node["type"], REGENERATE)
+
+
+@pytest.mark.comfy
+def test_the_toy_workflow_names_the_loaders_toy_choice(cu):
+    """The source's literal is the loader's choice (the loader lists it first: tests/test_comfy_toy.py)."""
+    assert W.TOY_MODEL == cu["pack"].nodes.model_options.TOY_MODEL

@@ -63,6 +63,8 @@ def test_graph_shape(workflow):
     name, variant, ui = workflow
     if variant == "long_upscale":
         return check_long_upscale_shape(ui)
+    if variant == "toy":
+        return check_toy_shape(ui)
     types = sorted(n["type"] for n in ui["nodes"])
     prompt_node = "RollingForcingPromptStory" if variant == "story" else "CLIPTextEncode"
     outs = ["CreateVideo", "SaveVideo"]
@@ -106,12 +108,34 @@ def check_long_upscale_shape(ui):
     assert "queue this workflow 12 times" in W.note_text("long_upscale")
 
 
+def check_toy_shape(ui):
+    """Loader (toy) -> Toy Text Encode -> Sampler (64x64, no VAE, no cache node) -> Toy Decode -> Create/Save Video;
+    nothing to download."""
+    types = sorted(n["type"] for n in ui["nodes"])
+    assert types == sorted(["Note", "RollingForcingModelLoader", "RollingForcingToyTextEncode",
+                            "RollingForcingSampler", "RollingForcingToyDecode", "CreateVideo", "SaveVideo"])
+    sampler = _by_type(ui, "RollingForcingSampler")
+    assert _source(ui, sampler, "positive")[0]["type"] == "RollingForcingToyTextEncode"
+    assert all(i["link"] is None for i in sampler["inputs"] if i["name"] in ("vae", "cache"))
+    decode = _by_type(ui, "RollingForcingToyDecode")
+    assert _source(ui, decode, "latent") == (sampler, 0)  # the LATENT output
+    assert _source(ui, _by_type(ui, "CreateVideo"), "images") == (decode, 0)
+    assert _by_type(ui, "RollingForcingModelLoader")["widgets_values"][0] == W.TOY_MODEL
+    assert all("models" not in n.get("properties", {}) for n in ui["nodes"])
+    assert "no download" in W.note_text("toy") and "Toy Decode" in W.note_text("toy")
+
+
 def test_widget_values_match_the_api_graph(workflow):
     _, variant, ui = workflow
     api = W.api_graph(variant)
     loader = api["1"]["inputs"]
     assert _by_type(ui, "RollingForcingModelLoader")["widgets_values"] == [
         loader["model_name"], loader["weights"], loader["weight_dtype"], loader["attention"]]
+    if variant == "toy":
+        assert _by_type(ui, "RollingForcingToyTextEncode")["widgets_values"] == [api["2"]["inputs"]["caption"]]
+        wv = _by_type(ui, "RollingForcingSampler")["widgets_values"]
+        assert wv[:4] == [64, 64, 10.0, 42] and wv[5] == api["6"]["inputs"]["steps"]
+        return
     cache = api["5"]["inputs"]
     assert _by_type(ui, "RollingForcingCacheConfig")["widgets_values"] == [
         cache["sink_blocks"], cache["span_frames"], cache["capacity_frames"], cache["context_noise"],
@@ -129,7 +153,9 @@ def test_widget_values_match_the_api_graph(workflow):
 
 
 def test_loaders_list_their_model_downloads(workflow):
-    _, _, ui = workflow
+    _, variant, ui = workflow
+    if variant == "toy":  # nothing to download: checked in check_toy_shape
+        return
     present = {n["type"] for n in ui["nodes"]}
     assert {"CLIPLoader", "VAELoader", "RollingForcingModelLoader"} <= present
     for typ, kind in W.LOADER_MODELS.items():
@@ -143,7 +169,10 @@ def test_loaders_list_their_model_downloads(workflow):
 
 
 def test_note_explains_the_models(workflow):
-    _, _, ui = workflow
+    _, variant, ui = workflow
     note = _by_type(ui, "Note")["widgets_values"][0]
+    if variant == "toy":  # nothing to download: the note says so and names the built-in choice
+        assert "no download" in note and W.TOY_MODEL in note
+        return
     for f in W.MODEL_FILES.values():
         assert f["name"] in note
