@@ -33,11 +33,6 @@ TOY_LATENT_HW = (8, 8)
 ATTRS = ("background", "colour", "shape", "motion", "found")
 
 
-def _fresh(out: str) -> None:
-    if os.path.isfile(out):  # the demo owns its output file: a rerun replaces it (the writer never overwrites)
-        os.remove(out)
-
-
 def story_prompts(prompt: str | None, story: str | None, seconds: float, text) -> tuple:
     """(PromptSchedule, [(start block, caption)], warnings) from ``prompt`` or a ``story`` text; every
     caption is checked against the toy grammar (ValueError naming the line and the allowed words)."""
@@ -72,11 +67,8 @@ def story_prompts(prompt: str | None, story: str | None, seconds: float, text) -
 def read_video(path: str, scale: int = 1) -> np.ndarray:
     """The frames of an MP4 as float32 [n, H / scale, W / scale, 3] in [0, 1] (scale x scale means)."""
     import av
-    frames = []
     with av.open(path) as c:
-        for fr in c.decode(video=0):
-            frames.append(fr.to_ndarray(format="rgb24"))
-    f = np.stack(frames).astype(np.float32) / 255.0
+        f = np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)]).astype(np.float32) / 255.0
     if scale > 1:
         n, h, w, _ = f.shape
         f = f.reshape(n, h // scale, scale, w // scale, scale, 3).mean(axis=(2, 4))
@@ -100,16 +92,28 @@ def score_segments(frames: np.ndarray, segments: list[tuple[int, str]], fb: int 
     return out
 
 
-def _stream_to_mp4(out: str, width: int, height: int, total_px: int, blocks, to_frames, num_blocks: int,
-                   *, flush: bool, quiet: bool) -> dict:
-    """Write each finished block's frames (``to_frames(block)`` -> [n, H, W, 3]) to ``out`` as the sampler
-    yields them; returns the timing: frames written, elapsed and first-block seconds, blocks/s."""
+def _stream_to_mp4(out: str, model, cfg: RollingConfig, source, seconds: float, latent_hw, px_per_latent: int,
+                   to_frames, label: str, *, seed: int, device: str, flush: bool, quiet: bool) -> dict:
+    """Sample ``seconds`` of video from ``model`` (``source``: a prompt embedding or a PromptSchedule) and write
+    each finished block's frames (``to_frames(block)`` -> [n, H, W, 3], H = latent height x ``px_per_latent``)
+    to ``out`` as the sampler yields them; returns the timing (frames written, elapsed and first-block seconds,
+    blocks/s) and the sampler's forward count."""
     from .video import StreamingVideoWriter
 
+    if os.path.isfile(out):  # the demo owns its output file: a rerun replaces it (the writer never overwrites)
+        os.remove(out)
+    num_blocks = Timeline(cfg.frames_per_block).blocks_for(seconds)
+    h, w = latent_hw
+    sampler = RollingSampler(model, cfg, height=h, width=w, device=device, dtype=torch.float32, seed=seed)
+    total_px = pixel_frames(num_blocks * cfg.frames_per_block)
+    width, height = w * px_per_latent, h * px_per_latent
+    if not quiet:
+        print(f"demo: {label}{num_blocks} blocks = {num_blocks * cfg.frames_per_block} latent frames = {total_px} "
+              f"frames ({total_px / PIXEL_FPS:.2f} s at {PIXEL_FPS} fps), {width}x{height}, writing {out}", flush=True)
     t0 = time.perf_counter()
     first_latency, written = None, 0
     with StreamingVideoWriter(out, width, height, fps=PIXEL_FPS, check_space_frames=total_px) as writer:
-        for blk in blocks:
+        for blk in sampler.stream(source, num_blocks):
             frames = to_frames(blk)
             writer.write(frames)
             written += len(frames)
@@ -126,6 +130,7 @@ def _stream_to_mp4(out: str, width: int, height: int, total_px: int, blocks, to_
     if not quiet:
         print(f"done: {num_blocks} blocks in {elapsed:.2f} s = {stats['blocks_per_s']:.2f} blocks/s "
               f"({written / elapsed:.1f} frames/s), first block after {first_latency:.2f} s -> {out}")
+    stats["forwards"] = sampler.forwards
     return stats
 
 
@@ -153,30 +158,23 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
     sched, segments, warns = story_prompts(prompt, story, seconds, text)
     cm = load_causal(student)
     vae = load_vae()
-    _fresh(out)
     torch.manual_seed(seed)
     cfg = (cm.base or RollingConfig(steps=cm.steps)).with_(update_mode=update_mode)
-    num_blocks = Timeline(cfg.frames_per_block).blocks_for(seconds)
-    h, w = latent_hw or TOY_LATENT_HW
-    sampler = RollingSampler(cm.model, cfg, height=h, width=w, device=device, dtype=torch.float32, seed=seed)
     decoder = vae.streaming_decoder()
-    total_px = pixel_frames(num_blocks * cfg.frames_per_block)
-    W, H = w * 8 * scale, h * 8 * scale
     if not quiet:
         print(f"demo: toy world, {cm.name} ({len(cm.steps)} steps){' - ' + cm.note if cm.note else ''}", flush=True)
         for b, cap in segments:
             print(f"  {Timeline().clock(Timeline().block_start(b))} (block {b}) {cap}", flush=True)
-        print(f"demo: {num_blocks} blocks = {num_blocks * cfg.frames_per_block} latent frames = {total_px} frames "
-              f"({total_px / PIXEL_FPS:.2f} s at {PIXEL_FPS} fps), {W}x{H}, writing {out}", flush=True)
+
     def toy_frames(blk):
         with torch.no_grad():
             frames = from_video(decoder.decode(blk.latents.float()))[0]  # [n, 64, 64, 3] in [0, 1]
         return frames.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else frames
 
-    stats = _stream_to_mp4(out, W, H, total_px, sampler.stream(sched, num_blocks), toy_frames, num_blocks,
-                           flush=flush, quiet=quiet)
+    stats = _stream_to_mp4(out, cm.model, cfg, sched, seconds, latent_hw or TOY_LATENT_HW, 8 * scale, toy_frames, "",
+                           seed=seed, device=device, flush=flush, quiet=quiet)
     scores = score_segments(read_video(out, scale), segments, cfg.frames_per_block)
-    stats.update(forwards=sampler.forwards, model=cm.name, segments=scores, warnings=warns)
+    stats.update(model=cm.name, segments=scores, warnings=warns)
     if not quiet:
         print("detector accuracy of the written video, per prompt segment (fraction of frames; motion per 2-s window):")
         for s in scores:
@@ -188,21 +186,11 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
 def _random_demo(out: str, seconds: float, *, latent_hw, seed: int, update_mode: str, device: str, quiet: bool,
                  flush: bool) -> dict:
     """The tiny random model (no text encoder, no VAE): sampler speed with preview frames."""
-
-    _fresh(out)
     torch.manual_seed(seed)
     model = build_model(DEMO_MODEL, device=device, seed=seed)
     context = torch.zeros(1, 512, DEMO_MODEL.text_dim)
     context[:, :16] = torch.randn(1, 16, DEMO_MODEL.text_dim)  # 16 "prompt tokens", rest zero padding
-    cfg = RollingConfig(update_mode=update_mode)
-    num_blocks = Timeline(cfg.frames_per_block).blocks_for(seconds)
-    h, w = latent_hw
-    sampler = RollingSampler(model, cfg, height=h, width=w, device=device, dtype=torch.float32, seed=seed)
-    total_px = pixel_frames(num_blocks * cfg.frames_per_block)
-    if not quiet:
-        print(f"demo: random model, {num_blocks} blocks = {num_blocks * cfg.frames_per_block} latent frames = "
-              f"{total_px} frames ({total_px / PIXEL_FPS:.2f} s at {PIXEL_FPS} fps), {w * 8}x{h * 8}, writing {out}",
-              flush=True)
+
     def random_frames(blk):
         frames = latent_to_rgb(blk.latents)
         reps = torch.full((frames.shape[0],), 4)  # each latent frame shown for 4 pixel frames, the very first for 1
@@ -210,7 +198,7 @@ def _random_demo(out: str, seconds: float, *, latent_hw, seed: int, update_mode:
             reps[0] = 1
         return frames.repeat_interleave(reps, dim=0).numpy()
 
-    stats = _stream_to_mp4(out, w * 8, h * 8, total_px, sampler.stream(context, num_blocks), random_frames,
-                           num_blocks, flush=flush, quiet=quiet)
-    stats.update(forwards=sampler.forwards, model="random")
+    stats = _stream_to_mp4(out, model, RollingConfig(update_mode=update_mode), context, seconds, latent_hw, 8,
+                           random_frames, "random model, ", seed=seed, device=device, flush=flush, quiet=quiet)
+    stats["model"] = "random"
     return stats

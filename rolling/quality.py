@@ -94,26 +94,19 @@ def load_causal(path: str | None = None, *, teacher: bool = False) -> CausalMode
     """The toy student (``rolling.toy.load_student`` + ``store.student_timesteps``), or, when it is not
     there (or ``teacher``), the bidirectional teacher run causally with the reference steps."""
     from . import toy
+    from .toy import store
     if not teacher:
         try:
-            from .toy import store
-            load_student, student_timesteps = toy.load_student, store.student_timesteps
-        except (ImportError, AttributeError):
-            load_student = None
-        if load_student is not None:
-            try:
-                model = load_student(path)
-                steps = tuple(int(s) for s in student_timesteps(path))
-                base = store.student_rolling_config(path) if hasattr(store, "student_rolling_config") else None
-                p = path or getattr(store, "STUDENT_PATH", None)
-                meta = store.student_metadata(path) if hasattr(store, "student_metadata") else {}
-                note = ", ".join(f"{k} {meta[k]}" for k in ("stage", "command") if k in meta)
-                return CausalModel(model, steps, "student", p, note, base=base)
-            except FileNotFoundError:
-                if path is not None:
-                    raise
-    from .toy.store import TEACHER_PATH
-    return CausalModel(toy.load_teacher(), REFERENCE_STEPS, "teacher-as-causal", TEACHER_PATH,
+            model = toy.load_student(path)
+            steps = tuple(int(s) for s in store.student_timesteps(path))
+            meta = store.student_metadata(path)
+            note = ", ".join(f"{k} {meta[k]}" for k in ("stage", "command") if k in meta)
+            return CausalModel(model, steps, "student", path or store.STUDENT_PATH, note,
+                               base=store.student_rolling_config(path))
+        except FileNotFoundError:
+            if path is not None:
+                raise
+    return CausalModel(toy.load_teacher(), REFERENCE_STEPS, "teacher-as-causal", store.TEACHER_PATH,
                        "no student weights: the bidirectional teacher sampled causally with the reference steps "
                        "(a harness check, not a quality figure)")
 
@@ -185,11 +178,8 @@ def buckets(latents: torch.Tensor, bucket_s: float, which: str = "all") -> list[
 
 def mean_rows(rows: list[dict], keys=METRICS) -> dict:
     """Mean of each metric over rows (nan entries, e.g. motion of a short span, left out)."""
-    out = {}
-    for k in keys:
-        v = [r[k] for r in rows if k in r and r[k] is not None and np.isfinite(r[k])]
-        out[k] = round(float(np.mean(v)), 4) if v else None
-    return out
+    vals = {k: [r[k] for r in rows if k in r and r[k] is not None and np.isfinite(r[k])] for k in keys}
+    return {k: round(float(np.mean(v)), 4) if v else None for k, v in vals.items()}
 
 
 def _rnd(d: dict) -> dict:
@@ -349,11 +339,8 @@ def block_labels(frames: np.ndarray, num_blocks: int) -> list[dict]:
     """Per block, the majority background / colour / shape the detector reads in its pixel frames."""
     from .toy import detect
     dets = detect.detect(frames)
-    out = []
-    for b in range(num_blocks):
-        a, e = first_pixel(3 * b), first_pixel(3 * b + 3)
-        out.append({k: detect.majority(d[k] for d in dets[a:e]) for k in ("background", "colour", "shape")})
-    return out
+    return [{k: detect.majority(d[k] for d in dets[first_pixel(3 * b):first_pixel(3 * b + 3)])
+             for k in ("background", "colour", "shape")} for b in range(num_blocks)]
 
 
 def switch_run(cm, vae, text, before: str, after: str, *, seconds: float, switch_s: float, seed: int,
@@ -394,14 +381,14 @@ def switch_run(cm, vae, text, before: str, after: str, *, seconds: float, switch
     after_s = detect.score(frames[first_pixel(settle):], after)
     clean = s - T if s - T >= 2 else s  # blocks no window with the new prompt touched (if there are enough)
     before_s = detect.score(frames[:first_pixel(3 * clean)], before)
-    return {"before": before, "after": after, "seed": seed, "switch_block": s, "switch_s": round(TL.block_start(s), 3),
+    return {"before": before, "after": {k: round(float(after_s[k]), 4) for k in ATTRS + ("found",)}, "seed": seed,
+            "switch_block": s, "switch_s": round(TL.block_start(s), 3),
             "changed": changed, "latency_blocks": latency, "latency_blocks_by_attribute": by_attr,
             "latency_s": None if latency is None else round(latency * TL.block_seconds, 3),
             "jump_latent": round(lat_d[ls - 1] / typ_l, 3), "jump_pixel": round(px_d[ps - 1] / typ_p, 3),
             "max_jump_latent_near": round(max(lat_d[i] for i in near_l) / typ_l, 3),
             "max_jump_pixel_near": round(max(px_d[i] for i in near_p) / typ_p, 3),
             "typical_latent_step": round(typ_l, 4), "typical_pixel_step": round(typ_p, 4),
-            "after": {k: round(float(after_s[k]), 4) for k in ATTRS + ("found",)},
             "before_acc": {k: round(float(before_s[k]), 4) for k in ATTRS + ("found",)},
             "shows_new_by_block": [int(x) for x in shows], "sample_s": round(dt, 2),
             "after_caption": after}
@@ -447,46 +434,36 @@ def _f(v, nd=2) -> str:
 def tables(results: dict) -> str:
     """Markdown tables of whichever benchmark results are present."""
     out = []
-    cols = ("background", "colour", "shape", "motion", "found", "latent_spatial", "latent_temporal")
     head = "| " + " | ".join(("bg", "colour", "shape", "motion", "found", "lat. spatial", "lat. temporal")) + " |"
+    sep = "|---" * (len(METRICS) + 2) + "|"  # two label columns (or one label and the seconds) + the metrics
+
+    def cells(row: dict) -> str:
+        return " | ".join(_f(row.get(c)) for c in METRICS) + " |"
+
     if "drift" in results:
         d = results["drift"]
-        out.append(f"Drift: accuracy per {d['bucket_s']:g} s bucket, {len(d['captions'])} captions x "
-                   f"{len(d['seeds'])} seeds, {d['seconds']:g} s per video")
-        out.append("")
-        out.append("| schedule | from (s) " + head)
-        out.append("|---|---" + "|---" * len(cols) + "|")
-        for sch, r in d["schedules"].items():
-            for row in r["per_bucket"]:
-                out.append(f"| {sch} | {row['start_s']:.0f} | " + " | ".join(_f(row[c]) for c in cols) + " |")
-        out.append("")
-        out.append("| schedule | sampling s per minute of video | all latents finite |")
-        out.append("|---|---|---|")
-        for sch, r in d["schedules"].items():
-            out.append(f"| {sch} | {r['sample_s_per_video_minute']} | {all(x['finite'] for x in r['runs'])} |")
-        out.append("")
+        out += [f"Drift: accuracy per {d['bucket_s']:g} s bucket, {len(d['captions'])} captions x "
+                f"{len(d['seeds'])} seeds, {d['seconds']:g} s per video", "", "| schedule | from (s) " + head, sep]
+        out += [f"| {sch} | {row['start_s']:.0f} | " + cells(row)
+                for sch, r in d["schedules"].items() for row in r["per_bucket"]]
+        out += ["", "| schedule | sampling s per minute of video | all latents finite |", "|---|---|---|"]
+        out += [f"| {sch} | {r['sample_s_per_video_minute']} | {all(x['finite'] for x in r['runs'])} |"
+                for sch, r in d["schedules"].items()] + [""]
     if "teacher" in results:
         d = results["teacher"]
-        out.append(f"Teacher vs student: {len(d['captions'])} captions x {len(d['seeds'])} seeds, "
-                   f"{d['pixel_frames']} frames each")
-        out.append("")
-        out.append("| sampler " + head + " s per video |")
-        out.append("|---" + "|---" * (len(cols) + 1) + "|")
-        for name, r in d["rows"].items():
-            out.append(f"| {name} | " + " | ".join(_f(r[c]) for c in cols) + f" | {r['sample_s_per_video']} |")
-        out.append("")
+        out += [f"Teacher vs student: {len(d['captions'])} captions x {len(d['seeds'])} seeds, "
+                f"{d['pixel_frames']} frames each", "", "| sampler " + head + " s per video |", sep]
+        out += [f"| {name} | " + cells(r) + f" {r['sample_s_per_video']} |" for name, r in d["rows"].items()] + [""]
     if "switch" in results:
         d = results["switch"]
-        out.append(f"Prompt switches: {len(d['pairs'])} caption pairs x {len(d['seeds'])} seeds, switch at "
-                   f"{d['switch_s']:g} s of {d['seconds']:g} s; latency in blocks of 0.75 s (first block from which the "
-                   "changed colour and background read as the new prompt for 3 blocks; negative = before the switch block; "
-                   "shape separately: the weakest attribute); "
-                   "jumps = RMS change at the switch / the run's median frame-to-frame change")
-        out.append("")
-        out.append("| transition | applies | switched | latency (blocks) | max | colour: switched, latency | "
-                   "background: switched, latency | shape: switched, latency | jump latent | jump pixel | "
-                   "max jump near (latent / pixel) | after: bg | colour | shape | motion |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out += [f"Prompt switches: {len(d['pairs'])} caption pairs x {len(d['seeds'])} seeds, switch at "
+                f"{d['switch_s']:g} s of {d['seconds']:g} s; latency in blocks of 0.75 s (first block from which the "
+                "changed colour and background read as the new prompt for 3 blocks; negative = before the switch block; "
+                "shape separately: the weakest attribute); "
+                "jumps = RMS change at the switch / the run's median frame-to-frame change", "",
+                "| transition | applies | switched | latency (blocks) | max | colour: switched, latency | "
+                "background: switched, latency | shape: switched, latency | jump latent | jump pixel | "
+                "max jump near (latent / pixel) | after: bg | colour | shape | motion |", "|---" * 15 + "|"]
         for name, r in d["variants"].items():
             a = r["after"]
             tr = r["transition"] + (f" + recache {r['recache']}" if r["recache"] != "none" else "")
@@ -499,26 +476,19 @@ def tables(results: dict) -> str:
         out.append("")
     if "rope" in results:
         d = results["rope"]
-        out.append(f"RoPE modes past {d['rope_limit_latent_frames']} latent frames ({d['rope_limit_s']} s): "
-                   f"{d['latent_frames']} latent frames per run, {len(d['captions'])} captions x {len(d['seeds'])} seeds")
-        out.append("")
-        out.append("| schedule / mode | part " + head)
-        out.append("|---|---" + "|---" * len(cols) + "|")
-        for name, r in d["runs"].items():
-            for part, label in (("before_limit", "before 1024"), ("after_limit", "after 1024"),
-                                ("last_bucket", "last bucket")):
-                row = r[part]
-                out.append(f"| {name} | {label} | " + " | ".join(_f(row.get(c)) for c in cols) + " |")
-        out.append("")
+        out += [f"RoPE modes past {d['rope_limit_latent_frames']} latent frames ({d['rope_limit_s']} s): "
+                f"{d['latent_frames']} latent frames per run, {len(d['captions'])} captions x {len(d['seeds'])} seeds",
+                "", "| schedule / mode | part " + head, sep]
+        out += [f"| {name} | {label} | " + cells(r[part]) for name, r in d["runs"].items()
+                for part, label in (("before_limit", "before 1024"), ("after_limit", "after 1024"),
+                                    ("last_bucket", "last bucket"))] + [""]
         if d.get("mode_difference"):
-            out.append("| schedule | max abs latent difference reference vs relative | before 1024 | after 1024 | "
-                       "mean abs |")
-            out.append("|---|---|---|---|---|")
-            for sch, m in d["mode_difference"].items():
-                e = (lambda v: "-" if v is None else f"{v:.2e}")
-                out.append(f"| {sch} | {e(m['max_abs'])} | {e(m['max_abs_before_limit'])} | "
-                           f"{e(m['max_abs_after_limit'])} | {e(m['mean_abs'])} |")
-            out.append("")
+            e = (lambda v: "-" if v is None else f"{v:.2e}")
+            out += ["| schedule | max abs latent difference reference vs relative | before 1024 | after 1024 | "
+                    "mean abs |", "|---|---|---|---|---|"]
+            out += [f"| {sch} | {e(m['max_abs'])} | {e(m['max_abs_before_limit'])} | "
+                    f"{e(m['max_abs_after_limit'])} | {e(m['mean_abs'])} |"
+                    for sch, m in d["mode_difference"].items()] + [""]
     return "\n".join(out)
 
 

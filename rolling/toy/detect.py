@@ -68,10 +68,13 @@ def detect_background(frames) -> list[str]:
     f = as_frames(frames)
     border = np.concatenate([f[:, 0], f[:, -1], f[:, 1:-1, 0], f[:, 1:-1, -1]], axis=1)  # [n, P, 3]
     level = np.median(border.mean(-1), axis=1)
-    names = tuple(BACKGROUNDS)
-    dark_first = BACKGROUNDS[names[0]][0] < BACKGROUNDS[names[1]][0]
-    dark, light = (names[0], names[1]) if dark_first else (names[1], names[0])
+    dark, light = sorted(BACKGROUNDS, key=lambda name: BACKGROUNDS[name][0])
     return [dark if v < 0.5 else light for v in level]
+
+
+def _corr(p: np.ndarray, q: np.ndarray) -> float:
+    den = np.sqrt((p * p).sum() * (q * q).sum())
+    return 1.0 if den < 1e-12 else float((p * q).sum() / den)
 
 
 def _circular_mean(cols: np.ndarray, period: float = SIZE) -> float:
@@ -110,11 +113,8 @@ def detect(frames) -> list[dict]:
 def shape_ious(mask: np.ndarray, cx: float, cy: float, area: int) -> dict:
     """IoU of a [64, 64] mask with each ideal shape of the same area and centroid (axis-aligned)."""
     r = np.sqrt(area / np.pi)
-    out = {}
-    for s in SHAPES:
-        alpha = np.clip(0.5 - shape_sdf(s, r, cx, cy)[0], 0, 1)
-        out[s] = float(np.minimum(mask, alpha).sum() / np.maximum(mask, alpha).sum())
-    return out
+    alphas = {s: np.clip(0.5 - shape_sdf(s, r, cx, cy)[0], 0, 1) for s in SHAPES}
+    return {s: float(np.minimum(mask, a).sum() / np.maximum(mask, a).sum()) for s, a in alphas.items()}
 
 
 def classify_track(x: np.ndarray, y: np.ndarray) -> str | None:
@@ -141,8 +141,7 @@ def detect_motion(frames_or_detections, window: int = WINDOW, stride: int = STRI
 
     Returns an empty list for clips shorter than ``window``."""
     dets = frames_or_detections if isinstance(frames_or_detections, list) else detect(frames_or_detections)
-    x = np.array([d["x"] for d in dets])
-    y = np.array([d["y"] for d in dets])
+    x, y = np.array([d["x"] for d in dets]), np.array([d["y"] for d in dets])
     return [classify_track(x[s:s + window], y[s:s + window]) for s in range(0, len(dets) - window + 1, stride)]
 
 
@@ -152,13 +151,7 @@ def spatial_correlation(frames) -> np.ndarray | float:
     single = hasattr(frames, "ndim") and frames.ndim == 3
     f = as_frames(frames).astype(np.float64)
     f = f - f.mean(axis=(1, 2), keepdims=True)
-    out = []
-    for a in f:
-        cs = []
-        for p, q in ((a[:, :-1], a[:, 1:]), (a[:-1], a[1:])):
-            den = np.sqrt((p * p).sum() * (q * q).sum())
-            cs.append(1.0 if den < 1e-12 else float((p * q).sum() / den))
-        out.append(sum(cs) / 2)
+    out = [(_corr(a[:, :-1], a[:, 1:]) + _corr(a[:-1], a[1:])) / 2 for a in f]
     return out[0] if single else np.asarray(out)
 
 
@@ -168,17 +161,11 @@ def latent_correlation(latents) -> dict:
     frames. VAE latents of toy clips: both high; i.i.d. Gaussian latents: ~0. Unlike
     :func:`spatial_correlation` of *decoded* frames (the decoder smooths any input), this separates
     a sample from static noise before decoding. Returns floats (means over the batch)."""
-    z = latents.detach().double() if hasattr(latents, "detach") else np.asarray(latents, dtype=np.float64)
-    z = np.asarray(z)
+    z = np.asarray(latents.detach().double() if hasattr(latents, "detach") else latents, dtype=np.float64)
     zc = z - z.mean(axis=(3, 4), keepdims=True)
-
-    def corr(p, q):
-        den = np.sqrt((p * p).sum() * (q * q).sum())
-        return 1.0 if den < 1e-12 else float((p * q).sum() / den)
-
-    spatial = (corr(zc[..., :, :-1], zc[..., :, 1:]) + corr(zc[..., :-1, :], zc[..., 1:, :])) / 2
+    spatial = (_corr(zc[..., :, :-1], zc[..., :, 1:]) + _corr(zc[..., :-1, :], zc[..., 1:, :])) / 2
     zt = z - z.mean(axis=2, keepdims=True)
-    temporal = corr(zt[:, :, :-1], zt[:, :, 1:]) if z.shape[2] > 1 else float("nan")
+    temporal = _corr(zt[:, :, :-1], zt[:, :, 1:]) if z.shape[2] > 1 else float("nan")
     return {"spatial": spatial, "temporal": temporal}
 
 

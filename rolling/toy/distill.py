@@ -52,10 +52,10 @@ from ..train.cache import TrainKVCache
 from ..train.dit import WanDiT
 from ..train.rollout import Rollout, RolloutChoice
 from . import detect
-from .captions import parse_caption
 from .sampling import flow_sigmas
 from .text import TextEncoder
-from .training import ATTRS, HELD_OUT_CAPTIONS, TEACHER_CONFIG, TRAIN_CAPTIONS, _clip_labels, _summary, cosine_lr
+from .training import (ATTRS, EVAL_CAPTIONS, HELD_OUT_CAPTIONS, TEACHER_CONFIG, TRAIN_CAPTIONS, curve_point,
+                       optimizer_step, score_rows, split_summary)
 from .vae import ToyVAE, pixel_frames
 from .world import from_video
 
@@ -74,11 +74,6 @@ def student_rolling_config(steps=STUDENT_STEPS) -> RollingConfig:
 def student_sigmas(steps=STUDENT_STEPS) -> list[float]:
     """The student's noise levels sigma_j (float, 0..1) for its warped timesteps."""
     return list(Steps(steps, SHIFT, FRAMES_PER_BLOCK).sigma)
-
-
-def student_timesteps_warped(steps=STUDENT_STEPS) -> list[float]:
-    """The warped timesteps (0..1000) the student's time embedding sees."""
-    return list(Steps(steps, SHIFT, FRAMES_PER_BLOCK).t)
 
 
 # ------------------------------------------------------------------------------------ ODE pairs
@@ -150,12 +145,10 @@ def teacher_forced_loss(student: WanDiT, cache: TrainKVCache, steps: Steps, stat
 
 def new_cache(arch, rcfg: RollingConfig, batch: int, height: int = 8, width: int = 8) -> TrainKVCache:
     """A training KV cache for ``batch`` clips (capacity: the longest rollout, no eviction)."""
-    cfg = RollingConfig(steps=rcfg.steps, shift=rcfg.shift, frames_per_block=rcfg.frames_per_block,
-                        span_frames=rcfg.span_frames, capacity_frames=max(rcfg.capacity_frames, 27),
-                        context_noise=rcfg.context_noise)
-    return TrainKVCache(cfg, num_layers=arch.num_layers, num_heads=arch.num_heads, head_dim=arch.head_dim,
-                        batch=batch, grid=(height // arch.patch_size[1], width // arch.patch_size[2]),
-                        device="cpu", dtype=torch.float32)
+    return TrainKVCache(rcfg.with_(capacity_frames=max(rcfg.capacity_frames, 27)), num_layers=arch.num_layers,
+                        num_heads=arch.num_heads, head_dim=arch.head_dim, batch=batch,
+                        grid=(height // arch.patch_size[1], width // arch.patch_size[2]), device="cpu",
+                        dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -195,13 +188,10 @@ def student_sample(student: torch.nn.Module, context: torch.Tensor, noise: torch
     rcfg = rcfg or student_rolling_config()
     dit = student if isinstance(student, WanDiT) else WanDiT(student)
     b, _, f, h, w = noise.shape
-    ro = Rollout(dit, RollingConfig(steps=rcfg.steps, shift=rcfg.shift, frames_per_block=rcfg.frames_per_block,
-                                    span_frames=rcfg.span_frames, capacity_frames=max(rcfg.capacity_frames, f),
-                                    context_noise=rcfg.context_noise),
-                 height=h, width=w, batch=b, device="cpu")
-    res = ro.run(context.float(), RolloutChoice(f, "rolling", 0), _InitialNoise(noise.float(), seed, renoise=renoise),
-                 loss_frames=f, grad=False)
-    return res.final
+    ro = Rollout(dit, rcfg.with_(capacity_frames=max(rcfg.capacity_frames, f)), height=h, width=w, batch=b,
+                 device="cpu")
+    return ro.run(context.float(), RolloutChoice(f, "rolling", 0), _InitialNoise(noise.float(), seed, renoise=renoise),
+                  loss_frames=f, grad=False).final
 
 
 # ------------------------------------------------------------------------------------ eval set
@@ -257,26 +247,19 @@ def distances(student, ev: EvalSet) -> dict:
     ``frechet`` = :func:`frechet` between the fresh-noise samples and the teacher's."""
     z_det = student_sample(student, ev.context, ev.noise, seed=ev.seed, renoise="initial")
     z = student_sample(student, ev.context, ev.noise, seed=ev.seed, renoise="fresh")
-    return {"mse": float(((z_det - ev.reference) ** 2).mean()), "mse_fresh": float(((z - ev.reference) ** 2).mean()),
-            "frechet": frechet(z, ev.reference)}
+    return _distances(z_det, z, ev.reference)
 
 
-def distance(student, ev: EvalSet) -> float:
-    """The headline distance: :func:`distances` ``mse``."""
-    return distances(student, ev)["mse"]
+def _distances(z_det: torch.Tensor, z: torch.Tensor, ref: torch.Tensor) -> dict:
+    return {"mse": float(((z_det - ref) ** 2).mean()), "mse_fresh": float(((z - ref) ** 2).mean()),
+            "frechet": frechet(z, ref)}
 
 
 @torch.no_grad()
 def attribute_accuracy(latents: torch.Tensor, captions: list[str], vae: ToyVAE) -> dict:
     """Decode latents [N, 16, F, 8, 8] and score them with the detectors (frame level; clip level =
     majority label), as in :func:`rolling.toy.training.evaluate_teacher`."""
-    video = from_video(vae.decode(latents))
-    rows = []
-    for c, fr in zip(captions, video):
-        rows.append({"caption": c, "held_out": c in HELD_OUT_CAPTIONS, "target": parse_caption(c),
-                     "frame": detect.score(fr, c), "clip": _clip_labels(fr)})
-    return {"all": _summary(rows), "held_out": _summary([r for r in rows if r["held_out"]]),
-            "seen": _summary([r for r in rows if not r["held_out"]])}
+    return split_summary(score_rows(captions, from_video(vae.decode(latents))))
 
 
 @torch.no_grad()
@@ -286,9 +269,7 @@ def evaluate_student(student, vae: ToyVAE, teacher=None, captions=None, *, sampl
     scored; with ``teacher``, the teacher's 50-step CFG samples from the same noise too, and their
     mean squared latent distance."""
     text = TextEncoder()
-    if captions is None:
-        captions = list(HELD_OUT_CAPTIONS) + list(TRAIN_CAPTIONS[::len(TRAIN_CAPTIONS) // 16][:16])
-    caps = [c for c in captions for _ in range(samples_per_caption)]
+    caps = [c for c in (EVAL_CAPTIONS if captions is None else captions) for _ in range(samples_per_caption)]
     zs, zt, zd = [], [], []
     t0 = time.perf_counter()
     for i in range(0, len(caps), batch):
@@ -308,12 +289,18 @@ def evaluate_student(student, vae: ToyVAE, teacher=None, captions=None, *, sampl
         ref = torch.cat(zt)
         out["teacher"] = {**attribute_accuracy(ref, caps, vae), "latent_correlation": detect.latent_correlation(ref),
                           "guidance": guidance, "steps": 50}
-        out["distances"] = {"mse": float(((torch.cat(zd) - ref) ** 2).mean()),
-                            "mse_fresh": float(((z - ref) ** 2).mean()), "frechet": frechet(z, ref)}
+        out["distances"] = _distances(torch.cat(zd), z, ref)
     return out
 
 
 # ------------------------------------------------------------------------------------ configs
+def _require_int(cfg, name: str, low: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{type(cfg).__name__}.{name} must be {what}, got {v!r}")
+
+
 @dataclass
 class ODEInitConfig:
     """ODE initialisation: ``trajectories`` teacher CFG (``guidance``) trajectories of 21-frame clips
@@ -333,9 +320,7 @@ class ODEInitConfig:
 
     def __post_init__(self) -> None:
         for name in ("trajectories", "teacher_steps", "steps", "batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ODEInitConfig.{name} must be a positive integer, got {v!r}")
+            _require_int(self, name, 1)
         if self.batch > self.trajectories:
             raise ValueError(f"ODEInitConfig.batch ({self.batch}) must be <= trajectories ({self.trajectories})")
         if not (self.lr >= 0 and self.min_lr >= 0 and self.warmup >= 0):
@@ -377,10 +362,8 @@ class DMDConfig:
     lr_decay: str = "cosine"
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"DMDConfig.steps must be an integer >= 0, got {self.steps!r}")
-        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
-            raise ValueError(f"DMDConfig.batch must be a positive integer, got {self.batch!r}")
+        _require_int(self, "steps", 0)
+        _require_int(self, "batch", 1)
         # the rest (lrs, ratio, rollout lengths, warm-ups, lr_decay) is validated by TrainConfig
 
 
@@ -398,17 +381,13 @@ class StudentTrainConfig:
     control: bool = False  # True: DMD with generator lr 0 (the control run)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = TEACHER_CONFIG.to_dict()
-        d["student_steps"] = list(STUDENT_STEPS)
-        return d
+        return {**asdict(self), "model": TEACHER_CONFIG.to_dict(), "student_steps": list(STUDENT_STEPS)}
 
 
 # ------------------------------------------------------------------------------------ ODE init
 def causal_student_from(teacher: WanModel) -> WanModel:
     """A trainable copy of the teacher's weights (the student starts as the teacher, run causally)."""
-    m = copy.deepcopy(teacher).float()
-    return m.train().requires_grad_(True)
+    return copy.deepcopy(teacher).float().train().requires_grad_(True)
 
 
 def ode_init(student: WanModel, teacher: WanModel, cfg: ODEInitConfig, *, seed: int = 0, ev: EvalSet | None = None,
@@ -420,9 +399,8 @@ def ode_init(student: WanModel, teacher: WanModel, cfg: ODEInitConfig, *, seed: 
     caps = [TRAIN_CAPTIONS[i] for i in rng.integers(len(TRAIN_CAPTIONS), size=cfg.trajectories)]
     ctx = text.encode_batch(caps)
     noise = torch.randn(cfg.trajectories, 16, LATENT_FRAMES, 8, 8, generator=torch.Generator().manual_seed(seed + 13))
-    sig = student_sigmas()
     t0 = time.perf_counter()
-    states, x0 = ode_pairs(teacher, ctx, text.encode(""), noise, sigmas=sig, steps=cfg.teacher_steps,
+    states, x0 = ode_pairs(teacher, ctx, text.encode(""), noise, sigmas=student_sigmas(), steps=cfg.teacher_steps,
                            guidance=cfg.guidance)
     data_s = time.perf_counter() - t0
     log(f"ode pairs: {cfg.trajectories} trajectories x {cfg.teacher_steps} teacher steps in {data_s:.0f} s")
@@ -437,19 +415,12 @@ def ode_init(student: WanModel, teacher: WanModel, cfg: ODEInitConfig, *, seed: 
         dist_curve.append({"step": 0, **distances(student, ev), "elapsed_s": 0.0})
         log(f"ode step     0  {_fmt(dist_curve[-1])}")
     for step in range(cfg.steps):
-        for gr in opt.param_groups:
-            gr["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
         idx = torch.randint(cfg.trajectories, (cfg.batch,), generator=g)
         loss = teacher_forced_loss(dit, cache, steps, states[idx], x0[idx], ctx[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, student.parameters(), cfg.grad_clip, step, cfg)
         acc.append(loss.item())
         if (step + 1) % 10 == 0 or step == cfg.steps - 1:
-            curve.append({"step": step + 1, "loss": float(np.mean(acc)), "lr": opt.param_groups[0]["lr"],
-                          "elapsed_s": round(time.perf_counter() - t1, 1)})
-            acc = []
+            curve_point(curve, acc, step, opt, t1)
         if ev is not None and ((step + 1) % eval_every == 0 or step == cfg.steps - 1):
             dist_curve.append({"step": step + 1, **distances(student, ev),
                                "elapsed_s": round(time.perf_counter() - t1, 1)})
@@ -503,9 +474,7 @@ def dmd(generator_ckpt: str, teacher_ckpt: str, cfg: DMDConfig, *, seed: int = 0
                       model_config=model_config, latent_size=latent_size)
     tr = Trainer(tc, prompts=prompts or toy_prompts(), log=lambda st: None)
     gen_model = tr.generator.model
-    stats, dist_curve, acc_curve = [], [], []
-    t0 = time.perf_counter()
-    eval_s = 0.0
+    stats, dist_curve, acc_curve, eval_s, t0 = [], [], [], 0.0, time.perf_counter()
 
     def evaluate(step):
         nonlocal eval_s
@@ -532,11 +501,9 @@ def dmd(generator_ckpt: str, teacher_ckpt: str, cfg: DMDConfig, *, seed: int = 0
         stats.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in st.items()})
         if ev is not None and (tr.step % eval_every == 0 or tr.step == cfg.steps):
             evaluate(tr.step)
-    train_s = time.perf_counter() - t0 - eval_s
-    record = {"config": asdict(cfg), "control": control, "train_config": _jsonable(tc.to_dict()),
-              "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1), "stats": stats,
-              "distance_curve": dist_curve, "accuracy_curve": acc_curve}
-    return tr, record
+    return tr, {"config": asdict(cfg), "control": control, "train_config": _jsonable(tc.to_dict()),
+                "train_seconds": round(time.perf_counter() - t0 - eval_s, 1), "eval_seconds": round(eval_s, 1),
+                "stats": stats, "distance_curve": dist_curve, "accuracy_curve": acc_curve}
 
 
 def _fmt(row: dict) -> str:

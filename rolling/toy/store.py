@@ -37,12 +37,23 @@ def _read(path: str, what: str, script: str):
     return sd, meta
 
 
-def save_vae(vae: ToyVAE, path: str = VAE_PATH, extra: dict | None = None) -> str:
+def _save(state_dict: dict, path: str, meta: dict, extra: dict | None) -> str:
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    meta = {"format": "pt", "vae_config": json.dumps(vae.config.to_dict()), **{k: str(v) for k, v in (extra or {}).items()}}
-    save_file({k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}, path, metadata=meta)
+    meta = {"format": "pt", **meta, **{k: str(v) for k, v in (extra or {}).items()}}
+    save_file({k: v.detach().float().contiguous() for k, v in state_dict.items()}, path, metadata=meta)
     return path
+
+
+def _wan_model(sd: dict, meta: dict, dtype: torch.dtype, device) -> WanModel:
+    with torch.device("meta"):
+        model = WanModel(WanConfig.from_dict(json.loads(meta["wan_config"])))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def save_vae(vae: ToyVAE, path: str = VAE_PATH, extra: dict | None = None) -> str:
+    return _save(vae.state_dict(), path, {"vae_config": json.dumps(vae.config.to_dict())}, extra)
 
 
 def load_vae(path: str = VAE_PATH) -> ToyVAE:
@@ -56,31 +67,24 @@ def load_vae(path: str = VAE_PATH) -> ToyVAE:
 
 
 def save_teacher(model: WanModel, cfg: WanConfig, path: str = TEACHER_PATH, extra: dict | None = None) -> str:
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    meta = {"format": "pt", "wan_config": json.dumps(cfg.to_dict()), **{k: str(v) for k, v in (extra or {}).items()}}
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)
-    return path
+    return _save(model.state_dict(), path, {"wan_config": json.dumps(cfg.to_dict())}, extra)
+
+
+def _teacher_meta(path: str) -> tuple[dict, dict]:
+    sd, meta = _read(path, "toy teacher", "teacher")
+    if "wan_config" not in meta:
+        raise ValueError(f"{path} has no 'wan_config' metadata: not a toy teacher file")
+    return sd, meta
 
 
 def teacher_config(path: str = TEACHER_PATH) -> WanConfig:
-    _, meta = _read(path, "toy teacher", "teacher")
-    if "wan_config" not in meta:
-        raise ValueError(f"{path} has no 'wan_config' metadata: not a toy teacher file")
-    return WanConfig.from_dict(json.loads(meta["wan_config"]))
+    return WanConfig.from_dict(json.loads(_teacher_meta(path)[1]["wan_config"]))
 
 
 def load_teacher(path: str = TEACHER_PATH, dtype: torch.dtype = torch.float32, device="cpu") -> WanModel:
     """The bidirectional toy teacher as a :class:`WanModel` (eval, no grad). Wrap it in
     :class:`rolling.train.dit.WanDiT` for the bidirectional forward (or use :mod:`rolling.toy.sampling`)."""
-    sd, meta = _read(path, "toy teacher", "teacher")
-    if "wan_config" not in meta:
-        raise ValueError(f"{path} has no 'wan_config' metadata: not a toy teacher file")
-    cfg = WanConfig.from_dict(json.loads(meta["wan_config"]))
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _wan_model(*_teacher_meta(path), dtype, device)
 
 
 # ---------------------------------------------------------------------------------------- student
@@ -94,10 +98,10 @@ def save_student(model: WanModel, cfg: WanConfig, path: str = STUDENT_PATH, *, d
     if not isinstance(frames_per_block, int) or frames_per_block < 1:
         raise ValueError(f"frames_per_block must be a positive integer, got {frames_per_block!r}")
     table = Steps(steps, shift, frames_per_block)
-    meta = {"causal": "true", "frames_per_block": str(frames_per_block), "denoising_steps": json.dumps(steps),
-            "timesteps": json.dumps([round(t, 4) for t in table.t]), "sigmas": json.dumps([round(s, 7) for s in table.sigma]),
-            "shift": str(float(shift)), **{k: str(v) for k, v in (extra or {}).items()}}
-    return save_teacher(model, cfg, path, extra=meta)
+    meta = {"wan_config": json.dumps(cfg.to_dict()), "causal": "true", "frames_per_block": str(frames_per_block),
+            "denoising_steps": json.dumps(steps), "timesteps": json.dumps([round(t, 4) for t in table.t]),
+            "sigmas": json.dumps([round(s, 7) for s in table.sigma]), "shift": str(float(shift))}
+    return _save(model.state_dict(), path, meta, extra)
 
 
 def _student_meta(path: str) -> tuple[dict, dict]:
@@ -112,11 +116,8 @@ def student_metadata(path: str | None = None) -> dict:
     """The student file's metadata, parsed: wan_config (dict), causal (bool), frames_per_block (int),
     denoising_steps (list[int]), timesteps / sigmas (list[float]), shift (float), and the rest as strings."""
     _, meta = _student_meta(path or STUDENT_PATH)
-    out = dict(meta)
-    out.update(wan_config=json.loads(meta["wan_config"]), causal=True, frames_per_block=int(meta["frames_per_block"]),
-               denoising_steps=json.loads(meta["denoising_steps"]), timesteps=json.loads(meta["timesteps"]),
-               sigmas=json.loads(meta["sigmas"]), shift=float(meta["shift"]))
-    return out
+    return {**meta, **{k: json.loads(meta[k]) for k in ("wan_config", "denoising_steps", "timesteps", "sigmas")},
+            "causal": True, "frames_per_block": int(meta["frames_per_block"]), "shift": float(meta["shift"])}
 
 
 def student_timesteps(path: str | None = None) -> list[int]:
@@ -136,10 +137,4 @@ def student_rolling_config(path: str | None = None):
 def load_student(path: str | None = None, dtype: torch.dtype = torch.float32, device="cpu") -> WanModel:
     """The causal few-step toy student as a :class:`WanModel` (eval, no grad, float32, CPU by default).
     Sample it with :class:`rolling.sampler.RollingSampler` and :func:`student_rolling_config`."""
-    path = path or STUDENT_PATH
-    sd, meta = _student_meta(path)
-    cfg = WanConfig.from_dict(json.loads(meta["wan_config"]))
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _wan_model(*_student_meta(path or STUDENT_PATH), dtype, device)

@@ -45,6 +45,8 @@ HELD_OUT_CAPTIONS = (
 """Attribute combinations the teacher is not trained on (every single attribute value still is)."""
 
 TRAIN_CAPTIONS = tuple(c for c in all_captions() if c not in HELD_OUT_CAPTIONS)
+EVAL_CAPTIONS = HELD_OUT_CAPTIONS + TRAIN_CAPTIONS[::len(TRAIN_CAPTIONS) // 16][:16]
+"""The default evaluation captions: the held-out combinations and 16 seen ones."""
 
 TEACHER_CONFIG = WanConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=32,
                            text_len=TOKENS)
@@ -78,6 +80,25 @@ def cosine_lr(step: int, total: int, lr: float, warmup: int, min_lr: float) -> f
         return lr * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * p))
+
+
+def optimizer_step(opt, loss: torch.Tensor, params, grad_clip: float, step: int, cfg) -> None:
+    """Backward and one step of ``opt`` at :func:`cosine_lr` of ``step`` (``cfg``: steps, lr, warmup, min_lr),
+    gradients clipped to norm ``grad_clip``."""
+    for gr in opt.param_groups:
+        gr["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def curve_point(curve: list, acc: list, step: int, opt, t_start: float) -> dict:
+    """Append {step, mean loss of ``acc`` (then cleared), lr, elapsed_s} to ``curve``; returns it."""
+    curve.append({"step": step + 1, "loss": float(np.mean(acc)), "lr": opt.param_groups[0]["lr"],
+                  "elapsed_s": round(time.perf_counter() - t_start, 1)})
+    acc.clear()
+    return curve[-1]
 
 
 def machine() -> dict:
@@ -128,8 +149,6 @@ def train_vae(cfg: VAETrainConfig, log=print) -> tuple[ToyVAE, dict]:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     curve, acc, t_start = [], [], time.perf_counter()
     for step in range(cfg.steps):
-        for gr in opt.param_groups:
-            gr["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
         pairs = [clip_and_weight(scene_for(rng, caps, "train"), int(rng.integers(T0_RANGE)), cfg.latent_frames,
                                  cfg.object_weight) for _ in range(cfg.clips)]
         video, w = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B, 3|1, T, H, W]
@@ -144,17 +163,10 @@ def train_vae(cfg: VAETrainConfig, log=print) -> tuple[ToyVAE, dict]:
             d_rec, d_g = rec[:, 3:] - rec[:, :-3], g[:, 3:] - g[:, :-3]
             w_d = torch.maximum(wg[:, 3:], wg[:, :-3])
             rec_loss = rec_loss + cfg.motion_weight * (w_d * (d_rec - d_g) ** 2).sum() / w_d.sum()
-        loss = rec_loss + cfg.latent_l2 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, rec_loss + cfg.latent_l2 * z.pow(2).mean(), vae.parameters(), 1.0, step, cfg)
         acc.append(rec_loss.item())
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step + 1, "loss": float(np.mean(acc)), "lr": opt.param_groups[0]["lr"],
-                   "elapsed_s": round(time.perf_counter() - t_start, 1)}
-            curve.append(row)
-            acc = []
+            row = curve_point(curve, acc, step, opt, t_start)
             log(f"vae step {row['step']:5d}  loss {row['loss']:.5f}  lr {row['lr']:.2e}  {row['elapsed_s']:.0f} s")
     train_s = time.perf_counter() - t_start
     vae.eval().requires_grad_(False)
@@ -169,11 +181,8 @@ def fit_latent_stats(vae: ToyVAE, rng: np.random.Generator, clips: int, latent: 
     """Set the VAE's per-channel latent mean / std from ``clips`` random 81-frame training clips."""
     caps = all_captions()
     vae.latent_mean.zero_(), vae.latent_std.fill_(1.0)
-    zs = []
-    for i in range(0, clips, 16):
-        video = torch.stack([clip(scene_for(rng, caps, "train"), int(rng.integers(T0_RANGE)), latent)
-                             for _ in range(min(16, clips - i))])
-        zs.append(vae.encode(video))
+    zs = [vae.encode(torch.stack([clip(scene_for(rng, caps, "train"), int(rng.integers(T0_RANGE)), latent)
+                                  for _ in range(min(16, clips - i))])) for i in range(0, clips, 16)]
     z = torch.cat(zs).transpose(0, 1).flatten(1)  # [16, N]
     vae.latent_mean.copy_(z.mean(1))
     vae.latent_std.copy_(z.std(1).clamp_min(1e-3))
@@ -186,7 +195,7 @@ def evaluate_vae(vae: ToyVAE, scenes: int = 48, seed: int = 12345, latent: int =
     rng = np.random.default_rng(seed)
     caps = all_captions()
     keys = ("found", "background", "colour", "shape", "motion", "position_within_2px", "position_error_px")
-    gt, rec, psnr, lat = {k: [] for k in keys}, {k: [] for k in keys}, [], []
+    gt, rec, psnr, lat = [], [], [], []
     stream_equal = True
     for i in range(scenes):
         sc = scene_for(rng, caps, "eval")
@@ -201,15 +210,13 @@ def evaluate_vae(vae: ToyVAE, scenes: int = 48, seed: int = 12345, latent: int =
         lat.append(z)
         a, b = from_video(video)[0], from_video(out)[0]
         psnr.append(float(10 * np.log10(1.0 / np.mean((a - b) ** 2))))
-        s_gt, s_rec = detect.score(a, sc, t0=t0), detect.score(b, sc, t0=t0)
-        for k in keys:
-            gt[k].append(s_gt[k])
-            rec[k].append(s_rec[k])
+        gt.append(detect.score(a, sc, t0=t0))
+        rec.append(detect.score(b, sc, t0=t0))
     z = torch.cat(lat)
     return {"scenes": scenes, "pixel_frames_per_scene": pixel_frames(latent),
             "psnr_db_mean": float(np.mean(psnr)), "psnr_db_min": float(np.min(psnr)),
-            "ground_truth": {k: float(np.mean(v)) for k, v in gt.items()},
-            "reconstruction": {k: float(np.mean(v)) for k, v in rec.items()},
+            "ground_truth": {k: float(np.mean([s[k] for s in gt])) for k in keys},
+            "reconstruction": {k: float(np.mean([s[k] for s in rec])) for k in keys},
             "latent_mean_abs_channel_mean": float(z.mean(dim=(0, 2, 3, 4)).abs().mean()),
             "latent_channel_std": [round(float(s), 3) for s in z.transpose(0, 1).flatten(1).std(1)],
             "streamed_equals_one_shot": stream_equal}
@@ -281,8 +288,6 @@ def train_teacher(cfg: TeacherTrainConfig, vae: ToyVAE, log=print, dataset=None)
     curve, evals, acc = [], [], []
     t_start = time.perf_counter()
     for step in range(cfg.steps):
-        for gr in opt.param_groups:
-            gr["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
         idx = torch.randint(0, data.shape[0], (cfg.batch,), generator=gen)
         x0 = data[idx].float()
         ctx = emb[cap_ids[idx]]
@@ -293,20 +298,14 @@ def train_teacher(cfg: TeacherTrainConfig, vae: ToyVAE, log=print, dataset=None)
         xt = noise_to(x0, eps, t)
         v = dit(xt, frame_timesteps(t, x0.shape[2]), ctx)
         loss = F.mse_loss(v.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters(), cfg.grad_clip, step, cfg)
         if step + 1 == cfg.ema_start:
             ema = EMA(model, cfg.ema_decay)
         elif ema is not None:
             ema.update(model)
         acc.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step + 1, "loss": float(np.mean(acc)), "lr": opt.param_groups[0]["lr"],
-                   "elapsed_s": round(time.perf_counter() - t_start, 1)}
-            curve.append(row)
-            acc = []
+            row = curve_point(curve, acc, step, opt, t_start)
             log(f"teacher step {row['step']:5d}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['elapsed_s']:.0f} s")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             probe = ema_model(model, ema, cfg.model)
@@ -336,15 +335,26 @@ def ema_model(model: torch.nn.Module, ema: EMA | None, cfg: WanConfig) -> torch.
 
 
 # ------------------------------------------------------------------------------------------ eval
+ATTRS = ("background", "colour", "shape", "motion")
+
+
 def _clip_labels(frames: np.ndarray) -> dict:
     dets = detect.detect(frames)
-    return {"background": detect.majority(d["background"] for d in dets),
-            "colour": detect.majority(d["colour"] for d in dets),
-            "shape": detect.majority(d["shape"] for d in dets),
+    return {**{k: detect.majority(d[k] for d in dets) for k in ATTRS[:3]},
             "motion": detect.majority(detect.detect_motion(dets))}
 
 
-ATTRS = ("background", "colour", "shape", "motion")
+def score_rows(captions, video) -> list[dict]:
+    """Per decoded sample (``video`` [N, T, 64, 64, 3]): its caption, held-out flag, target attributes,
+    frame-level scores (:func:`detect.score`) and clip-level (majority) labels."""
+    return [{"caption": c, "held_out": c in HELD_OUT_CAPTIONS, "target": parse_caption(c),
+             "frame": detect.score(fr, c), "clip": _clip_labels(fr)} for c, fr in zip(captions, video)]
+
+
+def split_summary(rows: list[dict]) -> dict:
+    """:func:`_summary` of all rows, of the held-out captions' and of the seen ones'."""
+    return {"all": _summary(rows), "held_out": _summary([r for r in rows if r["held_out"]]),
+            "seen": _summary([r for r in rows if not r["held_out"]])}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -367,9 +377,7 @@ def evaluate_teacher(model, vae: ToyVAE, captions=None, *, samples_per_caption: 
     held-out and seen captions; latent correlation (:func:`detect.latent_correlation`) of the samples.
     Baselines: static noise frames, decoded random latents, latents of real clips."""
     text = TextEncoder()
-    if captions is None:
-        captions = list(HELD_OUT_CAPTIONS) + list(TRAIN_CAPTIONS[::len(TRAIN_CAPTIONS) // 16][:16])
-    captions = [c for c in captions for _ in range(samples_per_caption)]
+    captions = [c for c in (EVAL_CAPTIONS if captions is None else captions) for _ in range(samples_per_caption)]
     empty = text.encode("")
     res: dict = {"captions": len(set(captions)), "samples": len(captions), "steps": steps, "shift": shift,
                  "latent_frames": frames, "pixel_frames": pixel_frames(frames),
@@ -382,13 +390,8 @@ def evaluate_teacher(model, vae: ToyVAE, captions=None, *, samples_per_caption: 
             z = sample(model, text.encode_batch(cs), empty, frames=frames, steps=steps, shift=shift,
                        guidance=g, seed=seed + i)
             lat.append(detect.latent_correlation(z))
-            video = from_video(vae.decode(z))
-            for c, fr in zip(cs, video):
-                s = detect.score(fr, c)
-                rows.append({"caption": c, "held_out": c in HELD_OUT_CAPTIONS, "target": parse_caption(c),
-                             "frame": s, "clip": _clip_labels(fr)})
-        res[f"guidance_{g:g}"] = {"all": _summary(rows), "held_out": _summary([r for r in rows if r["held_out"]]),
-                                  "seen": _summary([r for r in rows if not r["held_out"]]),
+            rows += score_rows(cs, from_video(vae.decode(z)))
+        res[f"guidance_{g:g}"] = {**split_summary(rows),
                                   "latent_correlation": {k: round(float(np.mean([c[k] for c in lat])), 4)
                                                          for k in ("spatial", "temporal")},
                                   "per_sample": [{"caption": r["caption"], "detected": r["clip"],
