@@ -86,8 +86,7 @@ def score_segments(frames: np.ndarray, segments: list[tuple[int, str]], fb: int 
         res = {"caption": cap, "start_s": round(tl.block_start(b), 3), "frames": int(len(seg))}
         if len(seg):
             s = detect.score(seg, cap)
-            res.update({k: round(float(s[k]), 4) for k in ATTRS})
-            res["spatial_correlation"] = round(float(s["spatial_correlation"]), 4)
+            res.update({k: round(float(s[k]), 4) for k in ATTRS + ("spatial_correlation",)})
         out.append(res)
     return out
 

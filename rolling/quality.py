@@ -91,18 +91,16 @@ class CausalModel:
 
 
 def load_causal(path: str | None = None, *, teacher: bool = False) -> CausalModel:
-    """The toy student (``rolling.toy.load_student`` + ``store.student_timesteps``), or, when it is not
+    """The toy student (``rolling.toy.load_student`` + its ``store.student_metadata``), or, when it is not
     there (or ``teacher``), the bidirectional teacher run causally with the reference steps."""
     from . import toy
     from .toy import store
     if not teacher:
         try:
-            model = toy.load_student(path)
-            steps = tuple(int(s) for s in store.student_timesteps(path))
-            meta = store.student_metadata(path)
+            model, meta = toy.load_student(path), store.student_metadata(path)
             note = ", ".join(f"{k} {meta[k]}" for k in ("stage", "command") if k in meta)
-            return CausalModel(model, steps, "student", path or store.STUDENT_PATH, note,
-                               base=store.student_rolling_config(path))
+            return CausalModel(model, tuple(int(s) for s in meta["denoising_steps"]), "student",
+                               path or store.STUDENT_PATH, note, base=store.student_rolling_config(path))
         except FileNotFoundError:
             if path is not None:
                 raise

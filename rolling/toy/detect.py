@@ -86,17 +86,14 @@ def detect(frames) -> list[dict]:
     """Per frame: {"found", "background", "colour", "shape", "x", "y", "area", "fill", "iou"} (None/nan
     entries when no plausible object is found; background is always read)."""
     f = as_frames(frames)
-    masks = object_mask(f)
-    backgrounds = detect_background(f)
     out = []
-    for k in range(f.shape[0]):
-        m = masks[k]
+    for fk, m, background in zip(f, object_mask(f), detect_background(f)):
         area = int(m.sum())
-        d = {"found": False, "background": backgrounds[k], "colour": None, "shape": None,
+        d = {"found": False, "background": background, "colour": None, "shape": None,
              "x": float("nan"), "y": float("nan"), "area": area, "fill": float("nan"), "iou": None}
         if AREA_RANGE[0] <= area <= AREA_RANGE[1]:
             ys, xs = np.nonzero(m)
-            px = f[k][m]  # [area, 3]
+            px = fk[m]  # [area, 3]
             nearest = ((px[:, None, :] - _PROTOS[None]) ** 2).sum(-1).argmin(1)
             colour = _COLOUR_NAMES[np.bincount(nearest, minlength=len(_PROTOS)).argmax()]
             cx = _circular_mean(xs.astype(np.float64))

@@ -280,10 +280,9 @@ def evaluate_student(student, vae: ToyVAE, teacher=None, captions=None, *, sampl
         if teacher is not None:
             zd.append(student_sample(student, ctx, noise, seed=seed + i, renoise="initial"))
             zt.append(ode_pairs(teacher, ctx, text.encode(""), noise, sigmas=[1.0], guidance=guidance)[1])
-    t_sample = time.perf_counter() - t0
     z = torch.cat(zs)
     out = {"samples": len(caps), "captions": len(set(caps)), "latent_frames": frames,
-           "pixel_frames": pixel_frames(frames), "sampling_seconds": round(t_sample, 1),
+           "pixel_frames": pixel_frames(frames), "sampling_seconds": round(time.perf_counter() - t0, 1),
            "student": {**attribute_accuracy(z, caps, vae), "latent_correlation": detect.latent_correlation(z)}}
     if teacher is not None:
         ref = torch.cat(zt)
