@@ -90,15 +90,13 @@ def ode_pairs(teacher: torch.nn.Module, context: torch.Tensor, uncond: torch.Ten
         raise ValueError(f"sigmas must be strictly decreasing and start at 1, got {sigmas}")
     if noise.shape[0] != context.shape[0]:
         raise ValueError(f"noise ({noise.shape[0]}) and context ({context.shape[0]}) batch sizes differ")
-    grid = sorted(set(round(s, 9) for s in flow_sigmas(steps, shift)) | set(round(s, 9) for s in sigmas),
-                  reverse=True)
+    grid = sorted({round(s, 9) for s in [*flow_sigmas(steps, shift), *sigmas]}, reverse=True)
     want = {round(s, 9): j for j, s in enumerate(sigmas)}
     dit = teacher if isinstance(teacher, WanDiT) else WanDiT(teacher)
     states, ends = [], []
     for i in range(0, noise.shape[0], batch):
         x = noise[i:i + batch].float().clone()
-        b = x.shape[0]
-        ctx = torch.cat([context[i:i + batch].float(), uncond.float().expand(b, -1, -1)])
+        ctx = torch.cat([context[i:i + batch].float(), uncond.float().expand(x.shape[0], -1, -1)])
         got = [None] * len(sigmas)
         for s0, s1 in zip(grid[:-1], grid[1:]):
             if s0 in want:

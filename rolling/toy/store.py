@@ -26,7 +26,8 @@ TEACHER_PATH = os.path.join(WEIGHTS_DIR, "toy_teacher.safetensors")
 STUDENT_PATH = os.path.join(WEIGHTS_DIR, "toy_student.safetensors")
 
 
-def _read(path: str, what: str, script: str):
+def _read(path: str, what: str, script: str, key: str | None = None) -> tuple[dict, dict]:
+    """(state dict, metadata) of a weights file; ValueError if ``key`` is not in its metadata."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} weights not found at {path}; rebuild them with `python scripts/train_toy.py "
@@ -34,6 +35,8 @@ def _read(path: str, what: str, script: str):
     with safe_open(path, framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
+    if key is not None and key not in meta:
+        raise ValueError(f"{path} has no '{key}' metadata: not a {what} file")
     return sd, meta
 
 
@@ -58,9 +61,7 @@ def save_vae(vae: ToyVAE, path: str = VAE_PATH, extra: dict | None = None) -> st
 
 def load_vae(path: str = VAE_PATH) -> ToyVAE:
     """The toy VAE in eval mode, float32, CPU, no grad."""
-    sd, meta = _read(path, "toy VAE", "vae")
-    if "vae_config" not in meta:
-        raise ValueError(f"{path} has no 'vae_config' metadata: not a toy VAE file")
+    sd, meta = _read(path, "toy VAE", "vae", "vae_config")
     vae = ToyVAE(VAEConfig.from_dict(json.loads(meta["vae_config"])))
     vae.load_state_dict(sd, strict=True)
     return vae.eval().requires_grad_(False)
@@ -70,21 +71,14 @@ def save_teacher(model: WanModel, cfg: WanConfig, path: str = TEACHER_PATH, extr
     return _save(model.state_dict(), path, {"wan_config": json.dumps(cfg.to_dict())}, extra)
 
 
-def _teacher_meta(path: str) -> tuple[dict, dict]:
-    sd, meta = _read(path, "toy teacher", "teacher")
-    if "wan_config" not in meta:
-        raise ValueError(f"{path} has no 'wan_config' metadata: not a toy teacher file")
-    return sd, meta
-
-
 def teacher_config(path: str = TEACHER_PATH) -> WanConfig:
-    return WanConfig.from_dict(json.loads(_teacher_meta(path)[1]["wan_config"]))
+    return WanConfig.from_dict(json.loads(_read(path, "toy teacher", "teacher", "wan_config")[1]["wan_config"]))
 
 
 def load_teacher(path: str = TEACHER_PATH, dtype: torch.dtype = torch.float32, device="cpu") -> WanModel:
     """The bidirectional toy teacher as a :class:`WanModel` (eval, no grad). Wrap it in
     :class:`rolling.train.dit.WanDiT` for the bidirectional forward (or use :mod:`rolling.toy.sampling`)."""
-    return _wan_model(*_teacher_meta(path), dtype, device)
+    return _wan_model(*_read(path, "toy teacher", "teacher", "wan_config"), dtype, device)
 
 
 # ---------------------------------------------------------------------------------------- student
