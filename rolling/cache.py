@@ -191,20 +191,15 @@ def attend_layer(layout: Layout, args, layer: int, q: torch.Tensor, k: torch.Ten
     tpf, it = layout.tpf, iter(args)
     store = None if stores is None else {"sink": (stores[0][layer], stores[1][layer]),
                                          "ring": (stores[2][layer], stores[3][layer])}
-    if write:
-        with torch.no_grad():
-            for where, f0, rotate in layout.writes:
-                idx = next(it)
+    with torch.no_grad():
+        for where, f0, rotate in layout.writes:  # their tensors come first in args, also when not writing
+            idx, rope = next(it), ((next(it), next(it)) if rotate else None)
+            if write:
                 kb, vb = k[:, f0 * tpf:f0 * tpf + layout.bt].detach(), v[:, f0 * tpf:f0 * tpf + layout.bt].detach()
-                if rotate:
-                    kb = apply_rope(kb, next(it), next(it))
+                if rope is not None:
+                    kb = apply_rope(kb, *rope)
                 store[where][0].index_copy_(1, idx, kb)
                 store[where][1].index_copy_(1, idx, vb)
-    else:
-        for _, _, rotate in layout.writes:
-            next(it)
-            if rotate:
-                next(it), next(it)
     outs = []
     for q0, q1, own, ring_tokens, ring_rotate, sink_tokens in layout.groups:
         qg = apply_rope(q[:, q0 * tpf:q1 * tpf], next(it), next(it))
@@ -288,9 +283,7 @@ class RollingKVCache:
 
     @property
     def nbytes(self) -> int:
-        bufs = [self.sink_k, self.sink_v, self.ring_k, self.ring_v]
-        if self.scratch:
-            bufs += [self.scratch_k, self.scratch_v]
+        bufs = self.stores + ((self.scratch_k, self.scratch_v) if self.scratch else ())
         return sum(t.numel() * t.element_size() for t in bufs)
 
     # ------------------------------------------------------------------ plans (pure)
@@ -316,14 +309,11 @@ class RollingKVCache:
                                               written))
         if self.cfg.rope_mode == "relative":
             groups = [replace(g, base=min(s.pos for s in g.sources)) for g in groups]
-        tables = {}
         hp, wp = self.grid
         needed = [(b * fb, fb) for b, _, _, _ in writes]  # stored rotated at the block's own position
         for g in groups:
             needed += [(g.q_pos - g.base, g.q1 - g.q0)] + [(s.pos - g.base, s.frames) for s in g.sources]
-        for p, n in needed:
-            if (p, n) not in tables:
-                tables[(p, n)] = self.rope.tables(range(p, p + n), hp, wp, self.device)
+        tables = {(p, n): self.rope.tables(range(p, p + n), hp, wp, self.device) for p, n in dict.fromkeys(needed)}
         plan = KVPlan(tuple(pos), tuple(writes), tuple(groups), book, tables)
         self.check(plan)
         layout, args = self._layout(plan)
@@ -333,6 +323,7 @@ class RollingKVCache:
         """The plan as a static layout plus the tensors of this forward (see :func:`attend_layer`)."""
         tpf, fb, hp, wp = self.tpf, self.fb, *self.grid
         args, writes, groups = [], [], []
+        ring_rotated = self.cfg.rope_mode == "reference"  # ring keys are stored rotated; sink keys never
 
         def tokens(where, blocks_frames):  # token indices in a store, memoised (ring positions cycle)
             key = (where, blocks_frames)
@@ -342,11 +333,8 @@ class RollingKVCache:
                        for i in range(tpf)]
                 t = self._idx[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
             return t
-
-        def rope(positions):
-            return self.rope.tables(positions, hp, wp, self.device)
         for b, f0, where, slot in plan.writes:
-            rotate = self._stored_rotated(where == "sink")
+            rotate = ring_rotated and where == "ring"
             args.append(tokens(where, ((slot, 0, fb),)))
             if rotate:
                 args += plan.tables[(b * fb, fb)]
@@ -360,13 +348,14 @@ class RollingKVCache:
             for sink in (False, True):
                 stored = [s for s in g.sources if s.block != OWN and s.sink == sink]
                 n = sum(s.frames for s in stored) * tpf
-                rotate = not self._stored_rotated(sink)
+                rotate = sink or not ring_rotated
                 if n:
                     where = "sink" if sink else "ring"
                     slot = plan.book.sink.index if sink else plan.book.ring_slot
                     args.append(tokens(where, tuple((slot(s.block), s.f0, s.f1) for s in stored)))
                     if rotate:
-                        args += rope([p for s in stored for p in range(s.pos - g.base, s.pos - g.base + s.frames)])
+                        positions = [p for s in stored for p in range(s.pos - g.base, s.pos - g.base + s.frames)]
+                        args += self.rope.tables(positions, hp, wp, self.device)
                     elif any(s.pos != s.block * fb + s.f0 or g.base for s in stored):
                         raise RuntimeError("internal error: re-positioning a rotated key")
                 layout_g += [n, rotate] if not sink else [n]
@@ -383,14 +372,15 @@ class RollingKVCache:
             return None
         return KeySource(OWN, written[b] + f0, written[b] + f1, b * self.fb + f0)
 
-    def _history(self, book: CacheBook, first: int, budget: int, written: dict) -> list[KeySource]:
-        """Working cache: the newest clean non-sink blocks before ``first``, up to ``budget`` frames."""
+    def _newest(self, content: list[tuple[int, bool]], budget: int, written: dict) -> list[KeySource]:
+        """Keys of the newest ``budget`` frames of ``content`` ((block, in the sink) pairs, oldest first)."""
         fb, out = self.fb, []
-        for b in reversed([b for b in book.ring_after(first) if b < first]):
+        for b, sink in reversed(content):
             if budget <= 0:
                 break
             take = min(fb, budget)
-            out.insert(0, self._own(b, fb - take, fb, written) or KeySource(b, fb - take, fb, b * fb + fb - take))
+            out.insert(0, self._own(b, fb - take, fb, written)
+                       or KeySource(b, fb - take, fb, b * fb + fb - take, sink=sink))
             budget -= take
         return out
 
@@ -401,7 +391,9 @@ class RollingKVCache:
         sink = [b for b in book.sink_blocks() if b < first]
         sources: list[KeySource] = []
         if sink or (cfg.sink_blocks == 0 and first > 0):  # history exists
-            work = self._history(book, first, cfg.span_frames - frames - len(sink) * fb, written)
+            # working cache: the newest clean non-sink blocks before ``first``
+            work = self._newest([(b, False) for b in book.ring_after(first) if b < first],
+                                cfg.span_frames - frames - len(sink) * fb, written)
             wf = sum(s.frames for s in work)
             for i, b in enumerate(sink):
                 p = pos - wf - (len(sink) - i) * fb if self.adjacent_sink else b * fb
@@ -428,23 +420,13 @@ class RollingKVCache:
 
     def _clean_group(self, book: CacheBook, q0: int, block: int, written: dict) -> QueryGroup:
         """Keys of the clean-cache pass of ``block`` (input frames q0 .. q0 + fb), after it is written."""
-        cfg, fb = self.cfg, self.fb
+        fb = self.fb
         if not self.adjacent_sink:  # chunk_causal: the history a denoising query of the block reads
             return self._denoise_group(book, q0, block, fb, {b: f for b, f in written.items() if b != block})
-        in_sink = block in book.sink
         content = [(b, True) for b in book.sink_blocks() if b <= block]
-        if not in_sink:
+        if block not in book.sink:
             content += [(b, False) for b in book.ring_after(block)]
-        sources: list[KeySource] = []
-        budget = cfg.span_frames
-        for b, is_sink in reversed(content):
-            if budget <= 0:
-                break
-            take = min(fb, budget)
-            sources.insert(0, self._own(b, fb - take, fb, written)
-                           or KeySource(b, fb - take, fb, b * fb + fb - take, sink=is_sink))
-            budget -= take
-        return QueryGroup(q0, q0 + fb, block * fb, tuple(sources))
+        return QueryGroup(q0, q0 + fb, block * fb, tuple(self._newest(content, self.cfg.span_frames, written)))
 
     # ------------------------------------------------------------------ execution
     def check(self, plan: KVPlan) -> None:
@@ -453,9 +435,6 @@ class RollingKVCache:
             for s in g.sources:
                 if s.block >= 0 and (s.block not in plan.book.sink if s.sink else not plan.book.in_ring(s.block)):
                     raise RuntimeError(f"internal error: block {s.block} is not in the KV cache")
-
-    def _stored_rotated(self, sink: bool) -> bool:
-        return self.cfg.rope_mode == "reference" and not sink
 
     @property
     def stores(self) -> tuple:

@@ -57,13 +57,11 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "WanConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: (tuple(v) if k == "patch_size" else v) for k, v in d.items() if k in known})
+        """Unknown keys are ignored (``patch_size`` becomes a tuple in ``__post_init__``)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
+        return {**asdict(self), "patch_size": list(self.patch_size)}
 
 
 PRESETS = {
@@ -126,8 +124,9 @@ class RollingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive whole number of latent frames, got {v!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name, allowed in (("schedule", SCHEDULES), ("update_mode", UPDATE_MODES), ("rope_mode", ROPE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
             raise ValueError(f"sink_blocks must be an integer >= 0, got {self.sink_blocks!r}")
         window = self.window_frames
@@ -144,18 +143,12 @@ class RollingConfig:
                 f"one block ({fb}): minimum {self.sink_frames + fb}")
         if not (0 <= self.context_noise < 1000):  # also refuses nan
             raise ValueError(f"context_noise must be in [0, 1000), got {self.context_noise}")
-        if self.update_mode not in UPDATE_MODES:
-            raise ValueError(f"update_mode must be one of {', '.join(UPDATE_MODES)}, got {self.update_mode!r}")
-        if self.rope_mode not in ROPE_MODES:
-            raise ValueError(f"rope_mode must be one of {', '.join(ROPE_MODES)}, got {self.rope_mode!r}")
 
     @property
     def num_steps(self) -> int:
         return len(self.steps)
 
-    @property
-    def window_blocks(self) -> int:
-        return len(self.steps)
+    window_blocks = num_steps  # a rolling window holds one block per step
 
     @property
     def window_frames(self) -> int:
@@ -195,9 +188,8 @@ def validate_steps(steps: Sequence) -> tuple[int, ...]:
         if not math.isfinite(v) or v != int(v) or not (1 <= v <= 1000):
             raise ValueError(f"denoising step {v:g} is not allowed: each step must be a whole number in 1..1000")
     ints = tuple(int(v) for v in vals)
-    for a, b in zip(ints, ints[1:]):
-        if not a > b:
-            raise ValueError(f"denoising steps must be strictly decreasing, got {list(ints)}")
+    if any(a <= b for a, b in zip(ints, ints[1:])):
+        raise ValueError(f"denoising steps must be strictly decreasing, got {list(ints)}")
     return ints
 
 

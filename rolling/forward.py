@@ -72,13 +72,9 @@ ParamCast = Callable[[torch.Tensor, torch.dtype, torch.device], torch.Tensor]
 """``cast(parameter, dtype, device) -> tensor``: how a bare parameter reaches the compute dtype/device."""
 
 
-def plain_cast(p: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return p.to(device=device, dtype=dtype)
-
-
 def to_compute(p: torch.Tensor, like: torch.Tensor, cast: ParamCast | None = None) -> torch.Tensor:
     """A bare parameter in ``like``'s dtype and on its device."""
-    return (cast or plain_cast)(p, like.dtype, like.device)
+    return p.to(device=like.device, dtype=like.dtype) if cast is None else cast(p, like.dtype, like.device)
 
 
 def embed_patches(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +117,8 @@ def embed_text(model: nn.Module, context: torch.Tensor, like: torch.Tensor) -> t
 
 def cross_kv(blk: nn.Module, emb: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A block's cross-attention keys and values [B, Lt, H, D] from the embedded text."""
-    ca, b = blk.cross_attn, emb.shape[0]
-    return ca.norm_k(ca.k(emb)).view(b, -1, heads, emb.shape[-1] // heads), ca.v(emb).view(b, -1, heads,
-                                                                                              emb.shape[-1] // heads)
+    ca, shape = blk.cross_attn, (emb.shape[0], -1, heads, emb.shape[-1] // heads)
+    return ca.norm_k(ca.k(emb)).view(shape), ca.v(emb).view(shape)
 
 
 class TextContext:

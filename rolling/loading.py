@@ -79,12 +79,8 @@ def extract_state_dict(raw: MutableMapping, weights: str = "ema") -> dict[str, t
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     if not isinstance(raw, MutableMapping):
         raise CheckpointError(f"checkpoint holds a {type(raw).__name__}, not a state dict; accepted: {ACCEPTED}")
-    order = ("generator_ema", "generator") if weights == "ema" else ("generator",)
-    sd = None
-    for key in order + ("model", "state_dict", "module"):
-        if isinstance(raw.get(key), MutableMapping):
-            sd = raw[key]
-            break
+    order = (("generator_ema", "generator") if weights == "ema" else ("generator",)) + ("model", "state_dict", "module")
+    sd = next((raw[k] for k in order if isinstance(raw.get(k), MutableMapping)), None)
     if weights == "regular" and sd is not None and "generator" not in raw and "generator_ema" in raw:
         raise CheckpointError("weights='regular' asked for, but the checkpoint has only 'generator_ema'; use weights='ema'")
     if sd is None:
@@ -96,11 +92,7 @@ def extract_state_dict(raw: MutableMapping, weights: str = "ema") -> dict[str, t
             continue
         for inf in STRIP_INFIXES:
             k = k.replace(inf, "")
-        for p in STRIP_PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k] = v
+        out[next((k[len(p):] for p in STRIP_PREFIXES if k.startswith(p)), k)] = v
     if not out:
         raise CheckpointError(f"no tensors found in the checkpoint; accepted: {ACCEPTED}")
     return out
@@ -122,14 +114,13 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = 
     pe = sd["patch_embedding.weight"]
     dim = pe.shape[0]
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    cfg = WanConfig(
+    return WanConfig(
         dim=dim, in_dim=pe.shape[1], patch_size=tuple(pe.shape[2:]),
         ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_layers=layers,
         num_heads=num_heads or max(1, dim // 128),
         freq_dim=sd["time_embedding.0.weight"].shape[1], text_dim=sd["text_embedding.0.weight"].shape[1],
         out_dim=sd["head.head.weight"].shape[0] // (pe.shape[2] * pe.shape[3] * pe.shape[4]),
         cross_attn_norm="blocks.0.norm3.weight" in sd, qk_norm="blocks.0.self_attn.norm_q.weight" in sd)
-    return cfg
 
 
 FLOAT_KINDS = "fp32, bf16, fp16 or fp8"
@@ -208,25 +199,24 @@ def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     unexpected = sorted(set(sd) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
               for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        def fmt(xs):
-            return ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {fmt(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {fmt(unexpected)}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches: {fmt(shapes)}")
+    lists = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+    parts = [f"{len(xs)} {what}: {', '.join(xs[:8])}" + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+             for what, xs in lists if xs]
+    if parts:
         raise CheckpointError("checkpoint does not match the Wan2.1 model: " + "; ".join(parts))
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from one of :data:`DTYPES`' names (a torch dtype or None passes through)."""
+    if isinstance(name, str) and name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name] if isinstance(name, str) else name
 
 
 def load_model(path: str, *, weights: str = "ema", dtype: str | torch.dtype = "bf16", device="cpu",
                num_heads: int | None = None) -> WanModel:
     """Load a checkpoint into :class:`WanModel` (config inferred from shapes). No second weight copy."""
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dt = _dtype(dtype)
     sd = extract_state_dict(read_raw(path), weights)
     cfg = config_from_state_dict(sd, num_heads)
     with torch.device("meta"):
@@ -244,10 +234,9 @@ def convert(src: str, dst: str, *, weights: str = "ema", dtype: str | None = Non
         raise ValueError(f"output must be a .safetensors file, got {dst}")
     sd = extract_state_dict(read_raw(src), weights)
     cfg = config_from_state_dict(sd)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dt = _dtype(dtype)
     with torch.device("meta"):
         check_keys(WanModel(cfg), sd)
-    prepare_weights(sd, DTYPES[dtype] if dtype else None)  # refuses int/bool and NaN/inf before writing
+    prepare_weights(sd, dt)  # refuses int/bool and NaN/inf before writing
     save_file({k: v.contiguous() for k, v in sd.items()}, dst, metadata={"format": "pt", "source": "rolling-forcing convert"})
     return {"tensors": len(sd), "config": cfg.to_dict()}

@@ -100,22 +100,16 @@ class BackgroundDecoder:
         self._thread.start()
 
     def _work(self) -> None:
-        ctx = None
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            raw, event = item  # raw None: flush the decoder
+        for raw, event in iter(self._q.get, None):  # raw None: flush the decoder
             try:
                 if self._error is not None:
                     continue
                 if event is not None:
                     if self._stream is None:
                         self._stream = torch.cuda.Stream(raw.device)
-                    ctx = torch.cuda.stream(self._stream)
                     self._stream.wait_event(event)
                 t0 = time.perf_counter()
-                with ctx if ctx is not None else contextlib.nullcontext():
+                with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                     frames = self.decoder.decode(raw) if raw is not None else self.decoder.flush()
                     self.out.add_frames(frames)
                 if self._stream is not None:
@@ -136,11 +130,8 @@ class BackgroundDecoder:
             event.record()
         while True:
             self._raise()
-            try:
-                self._q.put((raw, event), timeout=0.05)
-                return
-            except queue.Full:
-                continue
+            with contextlib.suppress(queue.Full):
+                return self._q.put((raw, event), timeout=0.05)
 
     def decode(self, raw: torch.Tensor):
         self._put(raw)
@@ -152,8 +143,7 @@ class BackgroundDecoder:
     def flush(self) -> None:
         """Decode what is left (the held-back frames too) and wait for the worker."""
         self._put(None)
-        self.close()
-        self._raise()
+        self.drain()
 
     def drain(self) -> None:
         """Wait until every block handed over is decoded (held-back frames stay in the decoder)."""

@@ -8,6 +8,7 @@ later block), so a switch lands within half a block (0.375 s with 3-frame blocks
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import unicodedata
@@ -22,6 +23,14 @@ from .timing import Timeline
 TRANSITIONS = ("cut", "blend")
 RECACHE = ("none", "keep_sink", "new_sink", "reanchor")
 APPLIES = ("entering", "window")
+_CHOICES = {"transition": TRANSITIONS, "recache": RECACHE, "applies": APPLIES}
+
+
+def _check_choices(**values) -> None:
+    """ValueError for the first option (in the order given) that is not one of its allowed values."""
+    for name, v in values.items():
+        if not isinstance(v, str) or v not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(_CHOICES[name])}, got {v!r}")
 
 
 @dataclass
@@ -45,12 +54,7 @@ class PromptSegment:
     applies: str = "entering"
 
     def __post_init__(self):
-        if self.transition not in TRANSITIONS:
-            raise ValueError(f"transition must be one of {TRANSITIONS}, got {self.transition!r}")
-        if self.recache not in RECACHE:
-            raise ValueError(f"recache must be one of {RECACHE}, got {self.recache!r}")
-        if self.applies not in APPLIES:
-            raise ValueError(f"applies must be one of {APPLIES}, got {self.applies!r}")
+        _check_choices(transition=self.transition, recache=self.recache, applies=self.applies)
         if self.blend_blocks < 0:
             raise ValueError(f"blend length must be >= 0 blocks, got {self.blend_blocks}")
 
@@ -75,11 +79,7 @@ class PromptSchedule:
                                  "one block apart")
 
     def segment_index(self, block: int) -> int:
-        i = 0
-        for j, s in enumerate(self.segments):
-            if s.start_block <= block:
-                i = j
-        return i
+        return max((j for j, s in enumerate(self.segments) if s.start_block <= block), default=0)
 
     def conditioning(self, block: int, newest: int | None = None) -> tuple:
         """Key of the text conditioning of a block: ``(i,)`` for segment i, or ``(i, w)`` inside a blend
@@ -91,8 +91,7 @@ class PromptSchedule:
         1/(n+1) .. n/(n+1); block s+n on is fully the new segment."""
         i = self.segment_index(block)
         if newest is not None:
-            for j in range(i + 1, len(self.segments)):
-                s = self.segments[j]
+            for j, s in enumerate(self.segments[i + 1:], i + 1):
                 if s.applies == "window" and s.start_block <= newest and block > s.start_block - self.window_blocks:
                     i = j
         seg = self.segments[i]
@@ -127,6 +126,12 @@ MAX_STORY_SECONDS = 360_000.0  # 100 h: times and durations beyond this are refu
 MAX_BLEND_SECONDS = 600.0
 TIME_HELP = "seconds (20, 20.5, 20s), m:ss (0:20) or h:mm:ss (1:00:00)"
 
+
+def _seconds_in(v, most: float) -> bool:
+    """Whether ``v`` is a (non-bool) finite number of seconds in 0 .. ``most``."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= most
+
+
 # characters read as their ASCII counterparts in times and markers; one character for one, so positions in
 # the ASCII view are positions in the text (Unicode decimal digits of any script are mapped too, other
 # whitespace but newlines becomes a space)
@@ -159,6 +164,11 @@ def parse_clock(text: str, what: str = "time") -> float:
 
     Full-width colons / digits and other common Unicode forms are read as ASCII. The value is exact
     (no float rounding of the parts) and at most 100 h. Raises ValueError naming ``what``."""
+    return float(_exact_clock(text, what))
+
+
+def _exact_clock(text: str, what: str) -> Fraction:
+    """:func:`parse_clock` as an exact Fraction (durations of a story add up exactly)."""
     if not isinstance(text, str):
         raise ValueError(f"{what} must be text such as '0:20', got {text!r}")
     v = _ascii_view(text).strip()
@@ -176,7 +186,7 @@ def parse_clock(text: str, what: str = "time") -> float:
     total = secs + sum(int(p) * 60 ** (len(parts) - 1 - i) for i, p in enumerate(parts[:-1]))
     if total > MAX_STORY_SECONDS:
         raise ValueError(f"{what} {text.strip()[:40]!r} is more than {MAX_STORY_SECONDS / 3600:g} hours")
-    return float(total)
+    return total
 
 
 @dataclass(frozen=True)
@@ -228,13 +238,11 @@ def parse_story(text: str, video_seconds: float | None = None) -> tuple[list[Sto
     Both: lines starting with ``#`` are comments; full-width colons / digits / brackets and other
     common Unicode punctuation in times are read as ASCII; errors are ValueErrors naming the line;
     prompts starting at or beyond ``video_seconds`` are dropped with a warning."""
-    if text is None:
-        text = ""
+    text = "" if text is None else text
     if not isinstance(text, str):
         raise ValueError(f"line 1: a prompt story must be text, got {type(text).__name__}")
     # comments blanked (not removed), so offsets and line numbers stay those of the text
-    lines = text.splitlines()
-    kept = ["" if ln.strip().startswith(("#", "\uff03")) else ln for ln in lines]
+    kept = ["" if ln.strip().startswith(("#", "\uff03")) else ln for ln in text.splitlines()]
     body = "\n".join(kept)
     view = _ascii_view(body)
     if _MARKER.search(view):
@@ -247,14 +255,9 @@ def parse_story(text: str, video_seconds: float | None = None) -> tuple[list[Sto
     if items[0].start != 0:
         raise ValueError(f"line {items[0].line}: the first prompt must start at 0:00, got {items[0].start:g} s")
     if video_seconds is not None:
-        keep = []
-        for it in items:
-            if it.start >= video_seconds:
-                warns.append(f"{it.source}: time {it.start:g} s is at or beyond the video's length "
-                             f"({video_seconds:g} s); dropped")
-            else:
-                keep.append(it)
-        items = keep
+        warns += [f"{it.source}: time {it.start:g} s is at or beyond the video's length ({video_seconds:g} s); dropped"
+                  for it in items if it.start >= video_seconds]
+        items = [it for it in items if it.start < video_seconds]
     for w in warns:
         warnings.warn(w, stacklevel=3)
     return items, warns
@@ -272,16 +275,14 @@ def _parse_lines(lines: list[str]) -> list[StoryItem]:
             raise ValueError(f"line {n}: {shown!r} does not start with a time; write e.g. '0:20 rain starts' "
                              "(m:ss), '20 rain starts' (seconds) or '1:00:00 night falls' (h:mm:ss), or the "
                              "whole story in the timed syntax 'a street[5s] | rain starts[10s]'")
-        end = m.end()
-        nxt = view[end:end + 1]
-        if nxt not in ("", " ", "-", ":", "|"):
+        if view[m.end():m.end() + 1] not in ("", " ", "-", ":", "|"):
             raise ValueError(f"line {n}: {raw.strip()[:m.end() - len(m.group(1)) + 1]!r} is not a time: write "
                              f"{TIME_HELP}, then the prompt")
         try:
             t = parse_clock(m.group(2), "start time")
         except ValueError as e:
             raise ValueError(f"line {n}: {e}") from None
-        sep = _LINE_SEP.match(view, end)
+        sep = _LINE_SEP.match(view, m.end())
         prompt = raw[sep.end():].strip()
         if not prompt:
             raise ValueError(f"line {n}: the prompt after {raw.strip()[:m.end()].strip()!r} is empty")
@@ -295,26 +296,21 @@ def _parse_lines(lines: list[str]) -> list[StoryItem]:
 
 def _parse_timed(body: str, view: str) -> tuple[list[StoryItem], list[str]]:
     warns: list[str] = []
-    marks = list(_MARKER.finditer(view))
-    last = marks[-1]
-    tail = view[last.end():]
+    last = list(_MARKER.finditer(view))[-1]
     end = len(view)
-    if tail.strip().startswith(";"):
+    if view[last.end():].strip().startswith(";"):
         end = last.end()
         warns.append(f"line {_line_of(view, last.end())}: the subtitles after ';' are ignored (the story sets "
                      "prompts only)")
     out: list[StoryItem] = []
-    start = Fraction(0)
-    pos, k = 0, 0
-    while pos <= end:
+    start, pos = Fraction(0), 0
+    for k in itertools.count(1):
         bar = view.find("|", pos, end)
         stop = end if bar < 0 else bar
-        k += 1
         piece_v, piece = view[pos:stop], body[pos:stop]
-        lead = len(piece_v) - len(piece_v.lstrip())
-        line = _line_of(view, pos + lead)
+        line = _line_of(view, pos + len(piece_v) - len(piece_v.lstrip()))
         where = f"line {line}, segment {k}"
-        found = [m for m in _MARKER.finditer(piece_v)]
+        found = list(_MARKER.finditer(piece_v))
         if not piece_v.strip():
             where = f"line {_line_of(view, max(pos - 1, 0))}, segment {k}"  # where the '|' before it is
             raise ValueError(f"{where}: empty segment (two '|' in a row, or a '|' at the end); write "
@@ -333,8 +329,7 @@ def _parse_timed(body: str, view: str) -> tuple[list[StoryItem], list[str]]:
                 raise ValueError(f"{where}: '@' (scene recall) in {m.group(0)!r} is not supported; use '#' for a "
                                  "hard cut or nothing for the story's transition")
             try:
-                parse_clock(num + unit, "duration")
-                dur = _exact(num)
+                dur = _exact_clock(num + unit, "duration")
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             if dur <= 0:
@@ -355,18 +350,11 @@ def _parse_timed(body: str, view: str) -> tuple[list[StoryItem], list[str]]:
         if start > MAX_STORY_SECONDS:
             raise ValueError(f"{where}: starts after {MAX_STORY_SECONDS / 3600:g} hours")
         out.append(StoryItem(float(start), prompt, line, k, cut and k > 1, None if dur is None else float(dur)))
-        if dur is not None:
-            start += dur
+        start += dur or 0
         if bar < 0:
             break
         pos = bar + 1
     return out, warns
-
-
-def _exact(clock: str) -> Fraction:
-    """The exact value of a clock token already checked by :func:`parse_clock` (durations add up exactly)."""
-    parts = clock.split(":")
-    return Fraction(parts[-1]) + sum(int(p) * 60 ** (len(parts) - 1 - i) for i, p in enumerate(parts[:-1]))
 
 
 def parse_prompt_lines(text: str, video_seconds: float | None = None) -> tuple[list[tuple[float, str, int]], list[str]]:
@@ -395,27 +383,18 @@ class TimedPrompt:
     applies: str = "entering"
 
     def __post_init__(self):
-        name = self.source or (repr(self.label) if self.label else "prompt")
-        t = self.start_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or \
-                not 0 <= t <= MAX_STORY_SECONDS:
-            raise ValueError(f"{name}: start time must be a number of seconds from 0 to {MAX_STORY_SECONDS:g}, "
-                             f"got {t!r}")
+        if not _seconds_in(self.start_s, MAX_STORY_SECONDS):
+            raise ValueError(f"{self.source or (repr(self.label) if self.label else 'prompt')}: start time must be a "
+                             f"number of seconds from 0 to {MAX_STORY_SECONDS:g}, got {self.start_s!r}")
         check_options(self.transition, self.blend_seconds, self.recache, self.applies)
 
 
 def check_options(transition: str, blend_seconds: float, recache: str, applies: str = "entering") -> None:
     """The transition options of a prompt (node inputs): ValueError naming the input and what is allowed."""
-    if not isinstance(applies, str) or applies not in APPLIES:
-        raise ValueError(f"applies must be one of {', '.join(APPLIES)}, got {applies!r}")
-    if not isinstance(transition, str) or transition not in TRANSITIONS:
-        raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
-    if not isinstance(recache, str) or recache not in RECACHE:
-        raise ValueError(f"recache must be one of {', '.join(RECACHE)}, got {recache!r}")
-    b = blend_seconds
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or \
-            not 0 <= b <= MAX_BLEND_SECONDS:
-        raise ValueError(f"blend_seconds must be a number of seconds from 0 to {MAX_BLEND_SECONDS:g}, got {b!r}")
+    _check_choices(applies=applies, transition=transition, recache=recache)
+    if not _seconds_in(blend_seconds, MAX_BLEND_SECONDS):
+        raise ValueError(f"blend_seconds must be a number of seconds from 0 to {MAX_BLEND_SECONDS:g}, "
+                         f"got {blend_seconds!r}")
 
 
 def schedule_from_times(items: list[TimedPrompt], timeline: Timeline | None = None,

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .attention import get_attention
-from .cache import RollingKVCache
+from .cache import CacheBook, RollingKVCache
 from .config import RollingConfig
 from .flow import Steps
 from .forward import CompiledForward, ParamCast, TextContext, TimeEmbedder, WanArch, forward
@@ -212,9 +213,9 @@ class RollingSampler:
                         span_frames=c.span_frames, frames_per_block=c.frames_per_block, sink_blocks=c.sink_blocks)
 
     def num_windows(self, st: RunState) -> int | None:
-        T = self.cfg.num_steps
         if st.num_blocks is None:
             return None
+        T = self.cfg.num_steps
         return st.num_blocks + T - 1 if self.cfg.schedule == "rolling" else st.num_blocks * T
 
     def _draw(self, block: int, step: int) -> torch.Tensor:
@@ -262,9 +263,7 @@ class RollingSampler:
         self._warm(st)
         t_start = time.perf_counter()
         nw = self.num_windows(st)
-        for pos, item in enumerate(self._items(st)):
-            if pos < st.next:
-                continue
+        for pos, item in islice(enumerate(self._items(st)), st.next, None):
             if isinstance(item, Reanchor):
                 self.cache.commit(self.cache.reanchored(item.block))
                 st.next = pos + 1
@@ -289,17 +288,12 @@ class RollingSampler:
     def _warm(self, st: RunState) -> None:
         """Build the time embeddings and sigma tables of every forward shape up front, so nothing is
         allocated late in a run (the whole schedule of a bounded run; the first windows of a stream)."""
-        fb = self.cfg.frames_per_block
-        items = self._items(st)
-        limit = None if st.num_blocks is not None else 6 * self.cfg.num_steps
-        for i, f in enumerate(items):
-            if limit is not None and i > limit:
-                break
+        for f in islice(self._items(st), None if st.num_blocks is not None else 6 * self.cfg.num_steps + 1):
             if isinstance(f, Forward):
                 self.time(self.steps.timesteps(f))
                 if f.blocks:
                     self.steps.frame_sigmas(f.steps)
-        self.time([self.t_ctx] * fb)
+        self.time([self.t_ctx] * self.cfg.frames_per_block)
 
     def _record(self, start_frame, num_frames, updating, timesteps, text=(), kind=""):
         if self.on_call is not None:
@@ -404,12 +398,11 @@ class RollingSampler:
             st.clean = clean
             return st
         # small state: rebuild the cache, the (re-anchored) sink first, then the ring, oldest first
-        self.cache.load_state_dict({**self.cache.state_dict(), "ring": [-1] * len(book["ring"]),
-                                    "sink": [-1] * len(book["sink"]), "targets": [b for b in book["sink"]]})
+        self.cache.book = CacheBook((-1,) * len(book["ring"]), (-1,) * len(book["sink"]), tuple(book["sink"]))
         for b in sorted(clean, key=lambda b: (b not in book["sink"], b)):
             fwd = Forward(-1, "rebuild", clean=(b,))
             self._commit(st, fwd, self._run(st, fwd, clean))
-        self.cache.book = self.cache.book.__class__(self.cache.book.ring, self.cache.book.sink, tuple(book["targets"]))
+        self.cache.book = CacheBook(self.cache.book.ring, self.cache.book.sink, tuple(book["targets"]))
         return st
 
 

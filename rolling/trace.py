@@ -132,7 +132,6 @@ def replay_calls(tr: Trace, rope_mode: str = "reference") -> dict:
     texts = {}
     time = TimeEmbedder(model, dtype=dtype, device="cpu")
     sched = FlowSchedule(rc.shift)
-    fb = rc.frames_per_block
     worst_v = worst_x0 = 0.0
     per_call = []
     for c in tr.calls:
@@ -161,18 +160,18 @@ def recover_noise(tr: Trace) -> TensorNoise:
     recorded (``renoise.bBBBB.sJ``) or implied by consecutive inputs
     (x_in = (1 - sigma) x0_prev + sigma eps  =>  eps = (x_in - (1-sigma) x0_prev) / sigma)."""
     rc = tr.rolling_config
+    fb = rc.frames_per_block
+    noise = tr.tensors["noise"].permute(0, 2, 1, 3, 4)
     recorded = {k: v for k, v in tr.tensors.items() if k.startswith("renoise.b")}
     if recorded:
-        draws = {(int(k[9:13]), int(k.split(".s")[1])): v.permute(0, 2, 1, 3, 4) for k, v in recorded.items()}
-        return TensorNoise(tr.tensors["noise"].permute(0, 2, 1, 3, 4), draws, rc.frames_per_block)
+        return TensorNoise(noise, {(int(k[9:13]), int(k.split(".s")[1])): v.permute(0, 2, 1, 3, 4)
+                                   for k, v in recorded.items()}, fb)
     sequential = sorted(k for k in tr.tensors if k.startswith("draw"))  # [B*fb, C, H, W], block then step order
     if sequential:
         per = rc.num_steps - 1
-        draws = {(d // per, d % per + 1): tr.tensors[k].unsqueeze(0).permute(0, 2, 1, 3, 4)
-                 for d, k in enumerate(sequential)}
-        return TensorNoise(tr.tensors["noise"].permute(0, 2, 1, 3, 4), draws, rc.frames_per_block)
+        return TensorNoise(noise, {(d // per, d % per + 1): tr.tensors[k].unsqueeze(0).permute(0, 2, 1, 3, 4)
+                                   for d, k in enumerate(sequential)}, fb)
     sched = FlowSchedule(rc.shift)
-    fb = rc.frames_per_block
     t_steps = sched.warp(rc.steps)
     last_x0: dict[int, tuple[int, torch.Tensor]] = {}  # block -> (step, x0)
     renoise = {}
@@ -190,4 +189,4 @@ def recover_noise(tr: Trace) -> TensorNoise:
                 sig = sched.sigma(t_steps[j])
                 renoise[(b, j)] = (xb.float() - (1 - sig) * last_x0[b][1].float()) / sig
             last_x0[b] = (j, x0[:, :, k * fb:(k + 1) * fb])
-    return TensorNoise(tr.tensors["noise"].permute(0, 2, 1, 3, 4), renoise, fb)
+    return TensorNoise(noise, renoise, fb)

@@ -129,14 +129,12 @@ def concat_videos(parts: list, path: str | os.PathLike) -> int:
                                          f"part {first[1]}x{first[2]} {first[0]} at {first[4]} fps (or other codec "
                                          "settings); every part of one video needs the same size and settings")
                     shift = round(frames / (shape[4] * s.time_base))
-                    n = 0
                     for pkt in inp.demux(s):
                         if pkt.dts is None:  # the demuxer's end-of-stream marker
                             continue
                         pkt.pts, pkt.dts, pkt.stream = pkt.pts + shift, pkt.dts + shift, ostream
                         out.mux(pkt)
-                        n += 1
-                    frames += n
+                        frames += 1
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
@@ -243,10 +241,9 @@ class StreamingVideoWriter:
         self.width, self.height = _check_size("width", width), _check_size("height", height)
         if not fps or fps <= 0:
             raise ValueError(f"fps must be > 0 frames per second, got {fps!r}")
-        if int(queue_frames) < 1:
-            raise ValueError(f"queue_frames must be >= 1 frame, got {queue_frames!r}")
-        if int(keyframe_interval) < 1:
-            raise ValueError(f"keyframe_interval must be >= 1 frame, got {keyframe_interval!r}")
+        for name, v in (("queue_frames", queue_frames), ("keyframe_interval", keyframe_interval)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be >= 1 frame, got {v!r}")
         self.fps, self.keyframe_interval = fps, int(keyframe_interval)
         if check_space_frames is not None:
             need = int(1.5 * estimate_video_bytes(check_space_frames, self.width, self.height, fps))
@@ -348,11 +345,9 @@ class StreamingVideoWriter:
         cut, finished = "", False
         if not (self._file.failed or self._closing):  # e.g. an encoder error: the muxed frames can be saved
             self._closing = True
-            try:
+            with contextlib.suppress(BaseException):
                 self._container.close()
                 finished = True
-            except BaseException:  # noqa: BLE001
-                pass
         if finished:
             self._kept = (self._file.bytes, self._written)
         else:
@@ -418,17 +413,14 @@ class StreamingVideoWriter:
         if not self._closed:
             self._closed = True
             deadline = time.monotonic() + timeout
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                pass
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive() and self._error is None:
                 self._error = VideoWriteError(f"the encoder did not finish {self.path} within {timeout} s; it "
                                               f"keeps at least {self._kept[1]} frames so far")
-        if self._error is not None and not self._error_reported:
-            self._error_reported = True
-            raise self._error
+        if not self._error_reported:
+            self._raise_if_failed()
 
     def abort(self, timeout: float = 5.0) -> None:
         """Stop quickly: drop queued frames, finish the file with the frames encoded so far, never raise."""
