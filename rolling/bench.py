@@ -54,15 +54,17 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import closing
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .chunks import _atomic_write
 from .config import RollingConfig, WanConfig
 from .model import build_model
 from .outputs import RunOutputs, collect
-from .probes import DynamoCounters, OpProbe
+from .probes import SYNC_OPS, DynamoCounters, OpProbe
 from .sampler import RollingSampler
 from .timing import pixel_frames
 
@@ -130,18 +132,13 @@ def check_args(a) -> tuple[int, int]:
 
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()))
 
 
 class MetaNoise:
     def __call__(self, block, step, shape, device, dtype):
-        return torch.empty(shape, device=device, dtype=dtype).normal_() if torch.device(device).type != "meta" \
-            else torch.empty(shape, device=device, dtype=dtype)
+        x = torch.empty(shape, device=device, dtype=dtype)
+        return x if torch.device(device).type == "meta" else x.normal_()
 
 
 def _context(text_dim: int, device, dtype):
@@ -153,30 +150,23 @@ def _context(text_dim: int, device, dtype):
 
 def count(cfg_name: str, rc: RollingConfig, hw, blocks: int = 14, steady_block: int = 9) -> dict:
     """Exact counts on the meta device. Steady window = the work producing block ``steady_block``."""
-    wc = wan_config(cfg_name)
-    model = build_model(wc, device="meta", dtype=torch.bfloat16)
     calls = []
-    s = RollingSampler(model, rc, height=hw[0], width=hw[1], device="meta", dtype=torch.bfloat16,
-                       noise=MetaNoise(), on_call=calls.append)
+    s, ctx = make_sampler(cfg_name, rc, hw, torch.device("meta"), seed=None, noise=MetaNoise(), on_call=calls.append)
     probe = OpProbe("meta")
-    steady = {}
-    it = s.stream(_context(wc.text_dim, "meta", torch.bfloat16), blocks)
-    total_syncs = 0
+    it = s.stream(ctx, blocks)
+    total_syncs, steady = 0, {}
     with probe:
         while True:
             probe.reset()
             f0, c0 = s.forwards, len(calls)
             with FlopCounterMode(display=False) as fc:
-                try:
-                    blk = next(it)
-                except StopIteration:
-                    total_syncs += probe.num_syncs
-                    break
+                blk = next(it, None)
             total_syncs += probe.num_syncs
+            if blk is None:
+                break
             if blk.index == steady_block:
                 steady = {"flops": fc.get_total_flops(), "syncs": probe.num_syncs, "ops": probe.ops,
-                          "launches": probe.launches,
-                          "f64": sum(probe.f64.values()), "forwards": s.forwards - f0, "sync_ops": dict(probe.syncs),
+                          "launches": probe.launches, "f64": sum(probe.f64.values()), "forwards": s.forwards - f0,
                           "frames": sum(c.num_frames for c in calls[c0:])}
     tpf = (hw[0] // 2) * (hw[1] // 2)
     fwd_frames = sum(c.num_frames for c in calls)
@@ -205,37 +195,27 @@ def live_tensor_bytes(device) -> int:
         return torch.cuda.memory_allocated(device)
     import gc
     import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensor  # what torch.compile leaves behind: no storage, not counted
     gc.collect()
-    seen, total = set(), 0
+    sizes = {}  # storage data_ptr -> bytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    for o in objs:
-        try:
-            if isinstance(o, torch.Tensor) and o.device.type != "meta" and not _is_fake(o):
-                st = o.untyped_storage()
-                if st.data_ptr() not in seen:
-                    seen.add(st.data_ptr())
-                    total += st.nbytes()
-        except Exception:
-            continue
-    return total
-
-
-def _is_fake(t) -> bool:
-    """A FakeTensor torch.compile left behind (no storage of its own: not counted)."""
-    try:
-        from torch._subclasses.fake_tensor import FakeTensor
-    except ImportError:
-        return False
-    return isinstance(t, FakeTensor)
+        for o in gc.get_objects():
+            try:
+                if isinstance(o, torch.Tensor) and o.device.type != "meta" and not isinstance(o, FakeTensor):
+                    st = o.untyped_storage()
+                    sizes.setdefault(st.data_ptr(), st.nbytes())
+            except Exception:
+                continue
+    return sum(sizes.values())
 
 
 def timing_summary(times: list[float], frames_per_block: int, total: float, blocks_done: int) -> dict:
     """Latency / fps figures from per-block times (seconds); the first block is left out of the steady ones."""
     steady = times[1:] or times
     med = statistics.median(steady)
-    p99 = sorted(steady)[min(len(steady) - 1, int(round(0.99 * (len(steady) - 1))))]
+    p99 = sorted(steady)[round(0.99 * (len(steady) - 1))]
     return {"first_block_ms": times[0] * 1e3, "block_ms_median": med * 1e3, "block_ms_p99": p99 * 1e3,
             "fps": 4 * frames_per_block / med, "fps_overall": pixel_frames(blocks_done * frames_per_block) / total,
             "timed_blocks_done": blocks_done}
@@ -250,54 +230,46 @@ def time_run(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, att
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    t0 = time.perf_counter()
-    last = t0
-    finite = True
-    soak = {}
+    times, soak, finite = [], {}, True
     busy = 0.0  # time spent in progress callbacks, not counted
+    t0 = last = time.perf_counter()
     for blk in s.stream(ctx, blocks):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        times.append(now - last)
+        _sync(dev)
+        times.append(time.perf_counter() - last)
         finite = finite and bool(torch.isfinite(blk.latents).all())
-        if blk.index == min(100, blocks - 1) or blk.index == blocks - 1:
+        if blk.index in (100, blocks - 1):  # memory at block 100 and at the end, the block itself freed
             tag = "end" if blk.index == blocks - 1 else "block100"
             del blk
-            soak[f"rss_bytes_{tag}"] = rss_bytes()
-            soak[f"tensor_bytes_{tag}"] = live_tensor_bytes(dev)
-            if tag == "end" and "rss_bytes_block100" not in soak:
-                soak["rss_bytes_block100"], soak["tensor_bytes_block100"] = soak["rss_bytes_end"], soak["tensor_bytes_end"]
+            soak[f"rss_bytes_{tag}"], soak[f"tensor_bytes_{tag}"] = rss_bytes(), live_tensor_bytes(dev)
+            if "rss_bytes_block100" not in soak:  # at most 101 blocks: the end stands for block 100
+                soak.update(rss_bytes_block100=soak["rss_bytes_end"], tensor_bytes_block100=soak["tensor_bytes_end"])
         if progress is not None and len(times) % every == 0 and len(times) < blocks:
             p0 = time.perf_counter()
             progress({**timing_summary(times, rc.frames_per_block, p0 - t0 - busy, len(times)), "finite": finite,
                       **soak})
             busy += time.perf_counter() - p0
         last = time.perf_counter()
-    total = last - t0 - busy
-    out = {**timing_summary(times, rc.frames_per_block, total, len(times)), "timed_blocks": blocks, "finite": finite,
-           **soak}
+    out = {**timing_summary(times, rc.frames_per_block, last - t0 - busy, len(times)), "timed_blocks": blocks,
+           "finite": finite, **soak}
     if dev.type == "cuda":
-        out["peak_bytes"] = torch.cuda.max_memory_allocated()
-        out["peak_bytes_kind"] = "torch.cuda.max_memory_allocated"
-        out["device_name"] = torch.cuda.get_device_name(dev)
-        out["kv_cache_bytes"] = s.cache.nbytes
+        out.update(peak_bytes=torch.cuda.max_memory_allocated(), peak_bytes_kind="torch.cuda.max_memory_allocated",
+                   device_name=torch.cuda.get_device_name(dev))
     else:
-        out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out["peak_bytes_kind"] = "process peak RSS"
-        out["device_name"] = platform.processor() or platform.machine()
-        out["kv_cache_bytes"] = s.cache.nbytes
+        out.update(peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   peak_bytes_kind="process peak RSS", device_name=platform.processor() or platform.machine())
+    out["kv_cache_bytes"] = s.cache.nbytes
     return out
 
 
-def make_sampler(cfg_name: str, rc: RollingConfig, hw, dev: torch.device, attention: str, compile=False):
-    """(sampler, text context) of a seeded random model of preset ``cfg_name`` on ``dev``."""
+def make_sampler(cfg_name: str, rc: RollingConfig, hw, dev: torch.device, attention: str = "sdpa", compile=False,
+                 seed: int | None = 0, **kw):
+    """(sampler, text context) of a random model of preset ``cfg_name`` on ``dev``, its weights seeded with
+    ``seed`` (``None``: the global RNG, untouched); ``kw`` go to :class:`RollingSampler`."""
     dtype = DTYPES.get(dev.type, torch.bfloat16)
     wc = wan_config(cfg_name)
-    model = build_model(wc, device=dev, dtype=dtype, seed=0)
+    model = build_model(wc, device=dev, dtype=dtype, seed=seed)
     s = RollingSampler(model, rc, height=hw[0], width=hw[1], device=dev, dtype=dtype, attention=attention, seed=0,
-                       compile=compile)
+                       compile=compile, **kw)
     return s, _context(wc.text_dim, dev, dtype)
 
 
@@ -325,12 +297,9 @@ def machine_info() -> dict:
 def _cpu_model() -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def warmup_blocks(rc: RollingConfig) -> int:
@@ -350,8 +319,6 @@ def inspecting_backend(backend: str, syncs: Counter):
     host syncs in it (:data:`GRAPH_SYNC_METHODS` calls, :data:`rolling.probes.SYNC_OPS`) are counted in
     ``syncs``."""
     from torch._dynamo.backends.registry import lookup_backend
-
-    from .probes import SYNC_OPS
     inner = lookup_backend(backend)
     sync_fns = {torch.Tensor.item, torch.Tensor.tolist, torch.nonzero, torch.masked_select, *SYNC_OPS}
 
@@ -367,13 +334,11 @@ def inspecting_backend(backend: str, syncs: Counter):
 
 def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: str = "sdpa",
                   backend: str = "inductor", mode: str | None = None, steady: int | None = None) -> dict:
-    """Graph breaks, recompiles and graphs of the compiled window forward (see the module docstring).
-
-    An endless stream: :func:`warmup_blocks` blocks, then ``steady`` (default: the ring's slots + 1, so
-    every ring position is visited and one wraps) steady blocks. Resets ``torch._dynamo`` first, so the
-    figures do not depend on what the process compiled before. ``fullgraph=True``: a graph break stops
-    the run; it is then counted (``graph_breaks`` >= 1, reasons in ``graph_break_reasons``) and the
-    error is in ``compile_error``."""
+    """Graph breaks, recompiles and graphs of the compiled window forward (see the module docstring):
+    :func:`warmup_blocks` blocks, then ``steady`` steady blocks (default: the ring's slots + 1, so every ring
+    position is visited and one wraps). Resets ``torch._dynamo`` first, so the figures do not depend on what
+    the process compiled before. ``fullgraph=True``: a graph break stops the run and is counted (the error in
+    ``compile_error``)."""
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"compile backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
     dev = check_device(device)
@@ -384,24 +349,22 @@ def compile_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: 
     warm, steady = warmup_blocks(rc), steady or rc.ring_blocks + 1
     total, after = DynamoCounters(), None
     graphs, times, error, failure, warm_s = [], [], None, None, None
-    it = s.stream(ctx, None)
     t0 = last = time.perf_counter()
     try:
-        for blk in it:
-            _sync(dev)
-            now = time.perf_counter()
-            times.append(now - last)
-            graphs.append(s.compiled.graphs)
-            if blk.index == warm - 1:
-                warm_s, after = now - t0, DynamoCounters()
-            if blk.index == warm + steady - 1:
-                break
-            last = time.perf_counter()
+        with closing(s.stream(ctx, None)) as it:
+            for blk in it:
+                _sync(dev)
+                now = time.perf_counter()
+                times.append(now - last)
+                graphs.append(s.compiled.graphs)
+                if blk.index == warm - 1:
+                    warm_s, after = now - t0, DynamoCounters()
+                if blk.index == warm + steady - 1:
+                    break
+                last = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - a graph break under fullgraph, a backend failure: reported
         lines = str(e).strip().splitlines()
         error, failure = f"{type(e).__name__}: {lines[0] if lines else ''}", e
-    finally:
-        it.close()
     n_graphs = s.compiled.graphs
     whole = total.since()
     st = after.since() if after is not None else None
@@ -458,20 +421,15 @@ def launch_probe(cfg_name: str, rc: RollingConfig, hw, device: str, attention: s
     dev = check_device(device)
     s, ctx = make_sampler(cfg_name, rc, hw, dev, attention)
     warm = warmup_blocks(rc)
-    probe = OpProbe(dev.type)
     rows, ops = [], Counter()
-    it = s.stream(ctx, None)
-    with probe:
-        try:
-            for blk in it:
-                if blk.index >= warm:
-                    rows.append((probe.launches, probe.ops, probe.num_syncs))
-                    ops = Counter({str(k): v for k, v in probe.by_op.items()})
-                probe.reset()
-                if len(rows) == steady:
-                    break
-        finally:
-            it.close()
+    with OpProbe(dev.type) as probe, closing(s.stream(ctx, None)) as it:
+        for blk in it:
+            if blk.index >= warm:
+                rows.append((probe.launches, probe.ops, probe.num_syncs))
+                ops = Counter({str(k): v for k, v in probe.by_op.items()})
+            probe.reset()
+            if len(rows) == steady:
+                break
     launches = [r[0] for r in rows]
     return {"kernel_launches_per_block": launches[0], "kernel_launches_per_block_steady": launches,
             "kernel_launches_per_pixel_frame": launches[0] / (4 * rc.frames_per_block),
@@ -535,13 +493,11 @@ def toy_decoder_factory(device="cpu", channels: int = 16, seed: int = 0, standin
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        ToyVAE = None
-        if not standin:
-            try:
-                from .toy.vae import ToyVAE, VAEConfig
-            except ImportError:
-                pass
-        if ToyVAE is None:
+        try:
+            from .toy.vae import ToyVAE, VAEConfig
+        except ImportError:
+            standin = True
+        if standin:
             net = standin_net(channels).to(device).eval().requires_grad_(False)
             return (lambda: FrameDecoder(StandInDecoder(net)),
                     "bench StandInDecoder (3x3 conv 16->64, 1x1 conv, x8 pixel shuffle per latent frame)")
@@ -660,8 +616,8 @@ def write_path_probe(frame_blocks, frames_per_block: int = 3, fps: float = 16) -
         size = os.path.getsize(path)
     return {"write_path_host_ms_per_frame": host / n * 1e3, "uint8_convert_ms_per_frame": convert / n * 1e3,
             "writer_handoff_ms_per_frame": max(0.0, host - convert) / n * 1e3,
-            "encoder_wait_ms_per_frame": enc / n * 1e3, "write_path_frames": n, "write_path_frames_encoded": written, "write_path_frame_hw": [h, w],
-            "write_path_video_bytes": size}
+            "encoder_wait_ms_per_frame": enc / n * 1e3, "write_path_frames": n, "write_path_frames_encoded": written,
+            "write_path_frame_hw": [h, w], "write_path_video_bytes": size}
 
 
 def cpu_proxies(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, attention: str = "sdpa",
@@ -677,48 +633,48 @@ def cpu_proxies(cfg_name: str, rc: RollingConfig, hw, device: str, blocks: int, 
     make_decoder, what = toy_decoder_factory(dev, s.arch.out_dim)
     fb = rc.frames_per_block
     list(s.stream(ctx, 2))  # warm-up outside the timings (allocations, first-call costs)
-    warm_dec = make_decoder()
-    warm_dec.decode(torch.zeros(1, s.arch.out_dim, fb, *hw, device=dev))
+    make_decoder().decode(torch.zeros(1, s.arch.out_dim, fb, *hw, device=dev))
     ov, decoded = overlap_probe(lambda: s.stream(ctx, blocks), make_decoder, blocks=blocks, frames_per_block=fb,
                                 latent_shape=(1, s.arch.out_dim, *hw), frame_hw=(8 * hw[0], 8 * hw[1]), device=dev)
     res.update(ov, overlap_decoder=what)
-    frames = decoded.frames
-    cuts = [0] + [pixel_frames((b + 1) * fb) for b in range(blocks)]
-    res.update(write_path_probe([frames[:, a:b] for a, b in zip(cuts, cuts[1:])], fb))
-    if wide is not None:
-        n = 4
-        wcuts = [0] + [pixel_frames((b + 1) * fb) for b in range(n)]
-        wb = [_test_pattern(b - a, *wide, a)[None].to(dev) for a, b in zip(wcuts, wcuts[1:])]
-        tag = f"{wide[1]}x{wide[0]}"
-        res.update({f"{k}_{tag}": v for k, v in write_path_probe(wb, fb).items()})
+    res.update(write_path_probe([decoded.frames[:, a:b] for a, b in _block_spans(blocks, fb)], fb))
+    if wide is not None:  # 4 blocks of a test pattern
+        wb = [_test_pattern(b - a, *wide, a)[None].to(dev) for a, b in _block_spans(4, fb)]
+        res.update({f"{k}_{wide[1]}x{wide[0]}": v for k, v in write_path_probe(wb, fb).items()})
     return res
+
+
+def _block_spans(blocks: int, frames_per_block: int) -> list[tuple[int, int]]:
+    """(first, end) pixel frame of each of ``blocks`` blocks."""
+    cuts = [pixel_frames(b * frames_per_block) for b in range(blocks + 1)]
+    return list(zip(cuts, cuts[1:]))
 
 
 def run_bench(a) -> dict:
     hw = check_args(a)
-    every = getattr(a, "json_every", JSON_EVERY)
     rc = RollingConfig(update_mode=a.mode, rope_mode=a.rope)
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     res = {"config": a.config, "model": wan_config(a.config).to_dict(), "mode": a.mode, "rope": a.rope,
-           "device": a.device, "latent_hw": list(hw),
-           "attention": a.attention, "blocks": a.blocks, "torch": torch.__version__,
-           "command": "python -m rolling bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-           "complete": False}
-    snapshot = (lambda extra: write_json(a.json, {**res, **extra, "complete": False})) if a.json else None
+           "device": a.device, "latent_hw": list(hw), "attention": a.attention, "blocks": a.blocks,
+           "torch": torch.__version__, "command": "python -m rolling bench " + " ".join(argv), "complete": False}
+
+    def snapshot(extra=None):  # the JSON so far (before the timed run: no timed blocks yet)
+        if a.json:
+            write_json(a.json, {**res, **(extra or {"timed_blocks_done": 0}), "complete": False})
     res.update(count(a.config, rc, hw))
-    if snapshot:
-        snapshot({"timed_blocks_done": 0})
-    if getattr(a, "compile", False) or getattr(a, "proxies", False):
+    snapshot()
+    compile_, proxies = getattr(a, "compile", False), getattr(a, "proxies", False)
+    if compile_ or proxies:
         res.update(machine_info())
-    if getattr(a, "compile", False):
+    if compile_:
         res.update(compile_probe(a.config, rc, hw, a.device, a.attention, backend=a.compile_backend))
-        if snapshot:
-            snapshot({"timed_blocks_done": 0})
-    if getattr(a, "proxies", False):
+        snapshot()
+    if proxies:
         res.update(cpu_proxies(a.config, rc, hw, a.device, a.blocks, a.attention))
-        if snapshot:
-            snapshot({"timed_blocks_done": 0})
+        snapshot()
     if torch.device(a.device).type != "meta":
-        res.update(time_run(a.config, rc, hw, a.device, a.blocks, a.attention, progress=snapshot, every=every))
+        res.update(time_run(a.config, rc, hw, a.device, a.blocks, a.attention, progress=snapshot if a.json else None,
+                            every=getattr(a, "json_every", JSON_EVERY)))
     res["complete"] = True
     keys = ["rss_bytes_block100", "rss_bytes_end", "tensor_bytes_block100", "tensor_bytes_end",
             "forwards_per_block", "steady_forwards_per_block", "query_tokens_per_block",
@@ -728,10 +684,8 @@ def run_bench(a) -> dict:
             "kernel_launches_per_block", "write_path_host_ms_per_frame", "write_path_host_ms_per_frame_832x480",
             "kernel_launches_per_block_reference", "kernel_launches_per_block_fused",
             "decode_overlap_fraction", "decode_overlap_fraction_serial", "cpu_threads", "cpu_cores_usable"]
-    for k in keys:
-        if k in res:
-            v = res[k]
-            print(f"{k:36s} {v:.4g}" if isinstance(v, float) else f"{k:36s} {v}")
+    for k, v in ((k, res[k]) for k in keys if k in res):
+        print(f"{k:36s} {v:.4g}" if isinstance(v, float) else f"{k:36s} {v}")
     if a.json:
         write_json(a.json, res)
         print(f"wrote {a.json}")

@@ -14,6 +14,7 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _aten = torch.ops.aten
 SYNC_OPS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
@@ -31,16 +32,7 @@ def launches_kernel(func) -> bool:
 
 
 def _devices(x) -> set:
-    out = set()
-    if isinstance(x, torch.Tensor):
-        out.add(x.device.type)
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            out |= _devices(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            out |= _devices(y)
-    return out
+    return {t.device.type for t in tree_leaves(x) if isinstance(t, torch.Tensor)}
 
 
 class OpProbe(TorchDispatchMode):
@@ -53,25 +45,20 @@ class OpProbe(TorchDispatchMode):
         self.reset()
 
     def reset(self):
-        self.ops = 0
-        self.launches = 0
-        self.by_op: Counter = Counter()
-        self.syncs: Counter = Counter()
-        self.f64: Counter = Counter()
+        self.ops = self.launches = 0
+        self.by_op, self.syncs, self.f64 = Counter(), Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         self.ops += 1
         if launches_kernel(func):
             self.launches += 1
             self.by_op[func] += 1
         if func in SYNC_OPS:
             self.syncs[str(func)] += 1
-        out = func(*args, **kwargs)
+        out = func(*args, **(kwargs or {}))
         if func in (_aten._to_copy.default, _aten.copy_.default) and self.device != "cpu":
-            src = _devices(args[1] if func is _aten.copy_.default else args[0])
-            dst = _devices(out)
-            if self.device in src and "cpu" in dst:
+            src = args[1] if func is _aten.copy_.default else args[0]
+            if self.device in _devices(src) and "cpu" in _devices(out):
                 self.syncs[f"{func} (device->cpu)"] += 1
         for t in (out if isinstance(out, (list, tuple)) else [out]):
             if isinstance(t, torch.Tensor) and t.dtype in (torch.float64, torch.complex128):
