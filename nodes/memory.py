@@ -62,7 +62,7 @@ def estimate_memory(cfg: RollingConfig, *, num_layers: int, dim: int, ffn_dim: i
     """Device memory of one run (an estimate, except the KV cache, which is exact).
 
     * KV cache: see :func:`kv_cache_bytes` (6.4 GiB in bf16 at 832x480 with the reference settings).
-    * text: per-layer cross-attention K/V of the prompt (512 tokens).
+    * text: per-layer cross-attention K/V of the prompt (``text_tokens``: 512, the toy model's 16).
     * activations: peak of one DiT layer over the largest forward (the window, plus the clean block
       in fused mode): residual, modulated input, q/k/v and their rotated copies, attention and
       projection outputs (~10 x dim) and the FFN hidden state and its activation (2 x ffn_dim) per

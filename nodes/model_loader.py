@@ -11,6 +11,8 @@ and Toy Decode). What ComfyUI's Wan detection cannot read off the shapes (it ass
 freq_dim 256, text_dim 4096, text_len 512) comes from the file's ``wan_config`` metadata
 (``model_options.architecture``) and is handed to ComfyUI's detection for this one load
 (:func:`wan_detection_overrides`), so the toy DiT is ComfyUI's own ``WanModel`` like any other.
+Its ``text_len`` (the toy's 16 prompt tokens) is recorded on the MODEL with the attention choice
+(``model_options.with_attention``); the sampler pads or cuts prompts to it.
 """
 from __future__ import annotations
 
@@ -19,8 +21,6 @@ import importlib
 import logging
 import os
 import threading
-
-import torch
 
 from ..rolling.loading import (WEIGHT_CHOICES, CheckpointError, config_from_state_dict, extract_state_dict,
                                prepare_weights, read_raw)
@@ -116,31 +116,8 @@ def load_patcher(path: str, weights: str, dtype_options: dict, attention: str, d
     if overrides and meta.get("causal") != "true":
         log.warning("[RollingForcing] %s is not a causal few-step model (no 'causal' metadata, e.g. the bidirectional "
                     "toy teacher): Rolling Forcing's few-step causal sampling of it gives rough video", name)
-    if cfg.text_len != options.WAN_TEXT_LEN:
-        honour_text_len(comfy.diffusion_model(patcher), cfg.text_len)
-    options.with_attention(patcher.model_options, attention)
+    options.with_attention(patcher.model_options, attention, cfg.text_len)  # the sampler cuts prompts to text_len
     return patcher
-
-
-def _cut_to_text_len(module, args):
-    x = args[0] if args else None
-    n = module.rolling_forcing_text_len
-    if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] > n:
-        return (x[:, :n], *args[1:])
-    return None
-
-
-def honour_text_len(dm, text_len: int) -> None:
-    """Make the DiT read at most ``text_len`` prompt tokens, as it was trained (the toy model: 16): a
-    forward pre-hook on ``text_embedding`` cuts longer contexts, e.g. the sampler's padding to umT5's 512
-    (zero tokens that would draw most of the cross-attention of a model trained on 16; measured on the
-    toy student: colour accuracy 0.54 padded to 512 vs 1.00 at 16). A hook, not a wrapper: the state dict,
-    LoRA keys and ComfyUI's own forward see the same module tree. Standard 512-token models get none."""
-    emb = dm.text_embedding
-    emb.rolling_forcing_text_len = int(text_len)
-    if not getattr(emb, "_rolling_forcing_cut", False):
-        emb.register_forward_pre_hook(_cut_to_text_len)
-        emb._rolling_forcing_cut = True
 
 
 def model_problem(patcher) -> str | None:

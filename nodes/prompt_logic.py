@@ -53,7 +53,8 @@ def story_segments(text: str, encode, *, transition="cut", blend_s=0.0, recache=
 
 
 def build_schedule(prompts: PromptList, video_seconds: float, prepare, timeline=None):
-    """The core schedule of a node's prompt list; ``prepare(cond) -> [B, 512, dim]`` pads/cuts and checks width."""
+    """The core schedule of a node's prompt list; ``prepare(cond) -> [B, text_len, dim]`` pads/cuts and checks
+    width."""
     items = [replace(s, context=prepare(s.context)) for s in prompts.segments]
     return schedule_from_times(items, timeline, video_seconds)
 

@@ -43,8 +43,8 @@ class RollingForcingSampler(io.ComfyNode):
                     io.Conditioning.Input("positive", tooltip="The prompt: CLIPTextEncode with a CLIPLoader of type wan "
                                                               "(umT5-XXL), or a timed schedule from Rolling Forcing "
                                                               "Prompt Story / Prompt Segment. Padded or cut to 512 "
-                                                              "tokens like the reference. No negative prompt is used "
-                                                              "(distilled model)."),
+                                                              "tokens like the reference (the toy model: its 16). No "
+                                                              "negative prompt is used (distilled model)."),
                     types=[io.Conditioning, RollingForcingPrompts]),
                 io.Int.Input("width", default=run_inputs.DEFAULT_WIDTH, min=run_inputs.SIZE_MULTIPLE, max=run_inputs.MAX_SIZE,
                              step=run_inputs.SIZE_MULTIPLE,

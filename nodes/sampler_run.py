@@ -39,7 +39,7 @@ class SamplerRun:
     """A checked run: what to sample, on what, where the frames go, and what it will cost."""
 
     model: object  # ComfyUI MODEL (ModelPatcher)
-    prompt: object  # an embedding [B, 512, dim] or a PromptSchedule
+    prompt: object  # an embedding [B, text_len, dim] (umT5's 512; the toy model's 16) or a PromptSchedule
     cfg: object  # RollingConfig
     length: run_inputs.LengthPlan
     width: int
@@ -67,9 +67,10 @@ class SamplerRun:
         dm = comfy.diffusion_model(model)
         arch = WanArch.of(dm)
         tl = Timeline(cfg.frames_per_block)
+        text_len = model_options.text_len_from_options(model.model_options)  # the DiT reads what it was trained on
 
         def prepare_text(c):
-            ctx, note = run_inputs.prepare_text(c, arch.text_dim)
+            ctx, note = run_inputs.prepare_text(c, arch.text_dim, text_len)
             if note:
                 log.warning("[RollingForcing] %s", note)
             return ctx
@@ -101,7 +102,8 @@ class SamplerRun:
         est = memory.estimate_memory(
             cfg, num_layers=arch.num_layers, dim=arch.dim, ffn_dim=dm.blocks[0].ffn[0].weight.shape[0], latent_h=lat_h,
             latent_w=lat_w, batch=batch, dtype_bytes=dtype.itemsize, weight_bytes=model.model_size(),
-            patch=arch.patch_size, vae=vae is not None, vae_dtype_bytes=vae.vae_dtype.itemsize if vae else 2,
+            patch=arch.patch_size, text_tokens=text_len, vae=vae is not None,
+            vae_dtype_bytes=vae.vae_dtype.itemsize if vae else 2,
             vae_weight_bytes=vae.patcher.model_size() if vae else 0)
         summary = run_inputs.run_summary(length, cfg, width, height, batch, seed, f"{attention} (runs {kernel})", dtype,
                                          est)
