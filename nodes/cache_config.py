@@ -71,11 +71,7 @@ class RollingForcingCacheConfig(io.ComfyNode):
         values = (sink_blocks, span_frames, capacity_frames, context_noise, update_mode, rope_mode, schedule)
         if any(v is None for v in values):  # a linked value: checked when the node runs
             return True
-        try:
-            cache_config(*values)
-        except ValueError as e:
-            return str(e)
-        return True
+        return comfy.validation(cache_config, *values)
 
     @classmethod
     def execute(cls, sink_blocks: int, span_frames: int, capacity_frames: int, context_noise: float,

@@ -24,6 +24,7 @@ from ..rolling.video import StreamingVideoWriter, concat_videos
 from . import comfy_adapter as comfy
 from . import run_inputs
 from .cache_config import RollingForcingCache
+from .model_options import check_choice
 from .names import CATEGORY
 from .prompt_nodes import RollingForcingPrompts
 from .sampler_run import SamplerRun
@@ -50,16 +51,6 @@ def run_paths(run_name: str) -> tuple[str, str]:
     """(state folder, video file) of a run in ComfyUI's output folder."""
     base = os.path.join(comfy.folder_paths.get_output_directory(), run_inputs.check_run_name(run_name))
     return base + ".run", base + ".mp4"
-
-
-def _progress_key(run_name: str) -> str:
-    """What changes whenever a chunked run moves on (ComfyUI re-runs the sampler then, and only then)."""
-    try:
-        folder, video = run_paths(run_name)
-        with open(os.path.join(folder, "progress.json"), "rb") as f:
-            return f"{folder}:{f.read().decode(errors='replace')}"
-    except (OSError, ValueError) as e:
-        return f"{run_name}:{type(e).__name__}"
 
 
 class RollingForcingChunkedSampler(io.ComfyNode):
@@ -118,26 +109,29 @@ class RollingForcingChunkedSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, run_name=None, seconds=None, chunk_seconds=None):
-        try:
+        def check():
             if run_name is not None:
                 run_inputs.check_run_name(run_name)
             for v in (seconds, chunk_seconds):
                 if v is not None:
                     run_inputs.plan_length(v)
-        except ValueError as e:
-            return str(e)
-        return True
+        return comfy.validation(check)
 
     @classmethod
     def fingerprint_inputs(cls, run_name="", **_):
-        return _progress_key(run_name)
+        """What changes whenever a chunked run moves on (ComfyUI re-runs the sampler then, and only then)."""
+        try:
+            folder = run_paths(run_name)[0]
+            with open(os.path.join(folder, "progress.json"), "rb") as f:
+                return f"{folder}:{f.read().decode(errors='replace')}"
+        except (OSError, ValueError) as e:
+            return f"{run_name}:{type(e).__name__}"
 
     @classmethod
     def execute(cls, model, positive, vae, width: int, height: int, seconds: float, chunk_seconds: float, seed: int,
                 run_name: str, steps: str = run_inputs.DEFAULT_STEPS_TEXT, cache=None,
                 advance: str = ADVANCE[0]) -> io.NodeOutput:
-        if advance not in ADVANCE:
-            raise ValueError(f"advance must be one of {', '.join(ADVANCE)}, got {advance!r}")
+        check_choice("advance", advance, ADVANCE)
         folder, video = run_paths(run_name)
         run = SamplerRun.prepare(model, positive, width, height, seconds, seed, steps, cache, vae, False, 0.0, None)
         chunks = run.chunks(folder, chunk_seconds)
@@ -155,9 +149,8 @@ class RollingForcingChunkedSampler(io.ComfyNode):
                  f"{tl.clock(tl.seconds(plan.first + plan.blocks))} of {tl.clock(tl.seconds(plan.total))}")
         log.info("[RollingForcing] %s -> %s", where, video)
         run.load()
-        pbar = comfy.progress_bar(plan.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
-        latent, frames = run.run(on_progress=lambda done, total, image: pbar.update_absolute(
-            done, total, ("JPEG", image, comfy.preview_size())), chunks=chunks)
+        progress = comfy.block_progress(plan.blocks, cls.hidden.unique_id if cls.hidden else None)
+        latent, frames = run.run(on_progress=progress, chunks=chunks)
         if advance == "after sampling":
             chunks.taken(plan.index)
         images = frames.reshape(-1, height, width, 3)
@@ -218,9 +211,7 @@ class RollingForcingAppendVideo(io.ComfyNode):
         if missing:
             raise FileNotFoundError(f"{missing[0]} is missing, so {chunk.video} cannot be whole; start the run over "
                                     "(another run_name)")
-        frames = None
-        if update_every_chunk or plan.last:
-            frames = concat_videos(parts, chunk.video)
+        frames = concat_videos(parts, chunk.video) if update_every_chunk or plan.last else None
         if chunk.advance_on_append:
             run.taken(plan.index)
         if plan.last:
@@ -231,8 +222,7 @@ class RollingForcingAppendVideo(io.ComfyNode):
         log.info("[RollingForcing] %s", info)
         if frames is None:
             return io.NodeOutput(ExecutionBlocker(None), info, ui=ui.PreviewText(info))
-        out_dir = comfy.folder_paths.get_output_directory()
-        sub = os.path.relpath(os.path.dirname(chunk.video), out_dir)
+        sub = os.path.relpath(os.path.dirname(chunk.video), comfy.folder_paths.get_output_directory())
         shown = ui.PreviewVideo([ui.SavedResult(os.path.basename(chunk.video), "" if sub == "." else sub,
                                                 io.FolderType.output)])
         return io.NodeOutput(comfy.InputImpl.VideoFromFile(chunk.video), info, ui=shown)

@@ -23,8 +23,11 @@ Differences between ComfyUI versions handled here (0.3.64 of 2025-10, 0.33 of 20
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import inspect
+import threading
 
 import torch
 
@@ -86,6 +89,15 @@ def _api():
     return names
 
 
+def validation(check, *args):
+    """What a node's ``validate_inputs`` answers for ``check(*args)``: True, or the ValueError's message."""
+    try:
+        check(*args)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
 _API = _api()
 io, ui = _API["io"], _API["ui"]
 ComfyExtension, InputImpl, Types = _API["ComfyExtension"], _API["InputImpl"], _API["Types"]
@@ -101,13 +113,12 @@ _utils = _module("comfy.utils", "for progress bars")
 _cli = _module("comfy.cli_args", "to read ComfyUI's settings")
 
 
-def progress_bar(total: int, node_id=None):
-    """ComfyUI's ProgressBar (one step per block); ``update_absolute(value, total, preview)``."""
-    return _attr(_utils, "ProgressBar", "comfy.utils.ProgressBar", "to report progress")(total, node_id=node_id)
-
-
-def preview_size() -> int:
-    return int(getattr(_cli.args, "preview_size", 512) or 512)
+def block_progress(total: int, node_id=None):
+    """A run's ``on_progress(done, total, image)``: ComfyUI's ProgressBar (one step per block) showing the
+    PIL image as a JPEG preview at ComfyUI's preview size."""
+    bar = _attr(_utils, "ProgressBar", "comfy.utils.ProgressBar", "to report progress")(total, node_id=node_id)
+    size = int(getattr(_cli.args, "preview_size", 512) or 512)
+    return lambda done, total, image: bar.update_absolute(done, total, ("JPEG", image, size))
 
 
 def check_interrupt(*_ignored) -> None:
@@ -180,6 +191,41 @@ def load_diffusion_model(sd: dict, model_options: dict, disable_dynamic: bool = 
     return fn(sd, model_options=model_options, **kw)
 
 
+_DETECTION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def wan_detection_overrides(overrides: dict):
+    """While loading, make ComfyUI's Wan2.1 detection (``comfy.model_detection.detect_unet_config``,
+    which assumes 128-wide heads, freq_dim 256, text_dim 4096 and text_len 512) return ``overrides``
+    on top of what it read off the shapes, so ComfyUI builds its own ``WanModel`` with the right
+    head count and embeddings. Nothing changes for ``{}`` (every released checkpoint).
+
+    ComfyUI 0.33+ would take the same values from a ``config`` metadata entry, 0.3.x has no such
+    input; wrapping the detection works on both."""
+    if not overrides:
+        yield
+        return
+    try:
+        md = importlib.import_module("comfy.model_detection")
+        orig = md.detect_unet_config
+    except (ImportError, AttributeError):
+        raise missing("comfy.model_detection.detect_unet_config", "to build a Wan2.1 DiT with a "
+                      "non-standard head count or text width (the toy model)") from None
+
+    def detect(*args, **kwargs):
+        cfg = orig(*args, **kwargs)
+        if isinstance(cfg, dict) and cfg.get("image_model") == "wan2.1":
+            cfg = {**cfg, **overrides}
+        return cfg
+    with _DETECTION_LOCK:
+        md.detect_unet_config = detect
+        try:
+            yield
+        finally:
+            md.detect_unet_config = orig
+
+
 def register_reload(patcher, loader, args: tuple) -> None:
     """Tell ComfyUI how to load this MODEL again (``cached_patcher_init``, 2026): it does so to make a
     non-dynamic or per-GPU copy (hooks, multi-GPU). ``loader(*args, disable_dynamic=...)`` must return a
@@ -189,8 +235,6 @@ def register_reload(patcher, loader, args: tuple) -> None:
 
 
 def _accepts(fn, name: str) -> bool:
-    import inspect
-
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -237,9 +281,7 @@ def decoder_output(out) -> torch.Tensor:
 
 
 _PROBE_FRAMES = 8
-
-
-_CHUNKING: dict = {}
+_CHUNKING: dict = {}  # VAE class -> (first, step)
 
 
 def wan_decode_chunking(vae) -> tuple[int, int]:

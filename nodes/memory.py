@@ -41,9 +41,7 @@ class MemoryEstimate:
 
 
 def fmt_bytes(n: float) -> str:
-    if n >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    return f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024 ** 2:.1f} MiB"
 
 
 def kv_cache_bytes(cfg: RollingConfig, *, num_layers: int, dim: int, tokens_per_frame: int, batch: int,

@@ -10,17 +10,15 @@ The first choice, ``toy (built-in, no download)``, is the toy world's causal stu
 and Toy Decode). What ComfyUI's Wan detection cannot read off the shapes (it assumes 128-wide heads,
 freq_dim 256, text_dim 4096, text_len 512) comes from the file's ``wan_config`` metadata
 (``model_options.architecture``) and is handed to ComfyUI's detection for this one load
-(:func:`wan_detection_overrides`), so the toy DiT is ComfyUI's own ``WanModel`` like any other.
+(``comfy_adapter.wan_detection_overrides``), so the toy DiT is ComfyUI's own ``WanModel`` like any other.
 Its ``text_len`` (the toy's 16 prompt tokens) is recorded on the MODEL with the attention choice
 (``model_options.with_attention``); the sampler pads or cuts prompts to it.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import logging
+import math
 import os
-import threading
 
 from ..rolling.loading import (WEIGHT_CHOICES, CheckpointError, config_from_state_dict, extract_state_dict,
                                prepare_weights, read_raw)
@@ -80,10 +78,8 @@ class RollingForcingModelLoader(io.ComfyNode):
         options.check_choice("weights", weights, WEIGHT_CHOICES)
         options.check_choice("attention backend", attention, options.ATTENTION_BACKENDS)
         dtype_options = options.weight_dtype_options(weight_dtype)
-        if model_name == options.TOY_MODEL:
-            path = options.toy_model_path()
-        else:
-            path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        path = (options.toy_model_path() if model_name == options.TOY_MODEL
+                else folder_paths.get_full_path_or_raise("diffusion_models", model_name))
         patcher = load_patcher(path, weights, dtype_options, attention)
         comfy.register_reload(patcher, load_patcher, (path, weights, dtype_options, attention))
         log.info("[RollingForcing] loaded %s (%s weights, dtype %s, manual cast %s, attention %s)", model_name, weights,
@@ -105,7 +101,7 @@ def load_patcher(path: str, weights: str, dtype_options: dict, attention: str, d
     meta = options.file_metadata(path)
     cfg = options.architecture(inferred, meta, name)  # head count etc. the shapes cannot tell
     overrides = options.comfy_overrides(cfg)
-    with wan_detection_overrides(overrides):
+    with comfy.wan_detection_overrides(overrides):
         patcher = comfy.load_diffusion_model(sd, dtype_options, disable_dynamic=disable_dynamic)
     del sd
     if patcher is None:
@@ -131,48 +127,9 @@ def model_problem(patcher) -> str | None:
     if pe is None or head is None or not hasattr(dm, "blocks"):
         return (f"the MODEL is a {type(dm).__name__} ({type(base).__name__}), not a Wan2.1 DiT; load "
                 f"rolling_forcing_dmd.pt with Rolling Forcing Model Loader")
-    patch = 1
-    for p in pe.shape[2:]:
-        patch *= int(p)
     return options.wan_t2v_problem(class_name=type(dm).__name__, model_type=getattr(dm, "model_type", None),
-                                 has_image_embedding=getattr(dm, "img_emb", None) is not None,
-                                 in_dim=int(pe.shape[1]), out_dim=int(head.shape[0]) // patch)
-
-
-_DETECTION_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def wan_detection_overrides(overrides: dict):
-    """While loading, make ComfyUI's Wan2.1 detection (``comfy.model_detection.detect_unet_config``,
-    which assumes 128-wide heads, freq_dim 256, text_dim 4096 and text_len 512) return ``overrides``
-    on top of what it read off the shapes, so ComfyUI builds its own ``WanModel`` with the right
-    head count and embeddings. Nothing changes for ``{}`` (every released checkpoint).
-
-    ComfyUI 0.33+ would take the same values from a ``config`` metadata entry, 0.3.x has no such
-    input; wrapping the detection works on both. (To move into ``comfy_adapter`` with the other
-    ComfyUI internals.)"""
-    if not overrides:
-        yield
-        return
-    try:
-        md = importlib.import_module("comfy.model_detection")
-        orig = md.detect_unet_config
-    except (ImportError, AttributeError):
-        raise comfy.missing("comfy.model_detection.detect_unet_config", "to build a Wan2.1 DiT with a "
-                            "non-standard head count or text width (the toy model)") from None
-
-    def detect(*args, **kwargs):
-        cfg = orig(*args, **kwargs)
-        if isinstance(cfg, dict) and cfg.get("image_model") == "wan2.1":
-            cfg = {**cfg, **overrides}
-        return cfg
-    with _DETECTION_LOCK:
-        md.detect_unet_config = detect
-        try:
-            yield
-        finally:
-            md.detect_unet_config = orig
+                                   has_image_embedding=getattr(dm, "img_emb", None) is not None,
+                                   in_dim=int(pe.shape[1]), out_dim=int(head.shape[0]) // math.prod(pe.shape[2:]))
 
 
 def architecture_problem(patcher, cfg) -> str | None:

@@ -14,7 +14,6 @@ import torch
 
 from ..rolling.attention import BACKENDS as ATTENTION_BACKENDS
 from ..rolling.config import WanConfig
-from ..rolling.loading import WEIGHT_CHOICES
 from ..rolling.toy import store as toy_store
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -119,10 +118,8 @@ def comfy_overrides(cfg: WanConfig) -> dict:
                 and cfg.text_dim == WAN_TEXT_DIM and cfg.text_len == WAN_TEXT_LEN and cfg.patch_size == (1, 2, 2))
     if standard:
         return {}
-    d = cfg.to_dict()
-    out = {k: d[k] for k in COMFY_CONFIG_KEYS}
-    out["patch_size"] = tuple(cfg.patch_size)
-    return out
+    d = {**cfg.to_dict(), "patch_size": tuple(cfg.patch_size)}
+    return {k: d[k] for k in COMFY_CONFIG_KEYS}
 
 
 def weight_dtype_options(name: str) -> dict:

@@ -9,11 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from ..rolling.prompts import (MAX_STORY_SECONDS, TimedPrompt, check_options, describe, parse_clock, parse_story,
                                schedule_from_times)
-
 from .names import PROMPTS_TYPE
 
 

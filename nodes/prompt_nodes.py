@@ -27,6 +27,15 @@ _APPLIES_TIP = ("Which blocks the new prompt conditions: entering = only blocks 
                 "(LongLive-style: the whole window turns at once, the switch shows up to 3 s earlier).")
 
 
+def _check(parse, value, transition, blend_seconds, recache, applies) -> None:
+    """Both nodes' ``validate_inputs``: ``parse(value)`` (start or story text) and the transition options,
+    each where its values are known (not linked)."""
+    if value is not None:
+        parse(value)
+    if transition is not None and recache is not None and blend_seconds is not None:
+        check_options(transition, blend_seconds, recache, applies)
+
+
 def _options():
     return [
         io.Combo.Input("transition", options=list(TRANSITIONS), default="cut", tooltip=_TRANSITION_TIP),
@@ -67,14 +76,7 @@ class RollingForcingPromptSegment(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start=None, transition=None, blend_seconds=None, recache=None, applies="entering", **_):
-        try:
-            if start is not None:
-                parse_time(start)
-            if transition is not None and recache is not None and blend_seconds is not None:
-                check_options(transition, blend_seconds, recache, applies)
-        except ValueError as e:
-            return str(e)
-        return True
+        return comfy.validation(_check, parse_time, start, transition, blend_seconds, recache, applies)
 
     @classmethod
     def execute(cls, conditioning, start, transition, blend_seconds, recache, label="", previous=None,
@@ -117,14 +119,7 @@ class RollingForcingPromptStory(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, text=None, transition=None, blend_seconds=None, recache=None, applies="entering", **_):
-        try:
-            if text is not None:
-                parse_story(text)
-            if transition is not None and recache is not None and blend_seconds is not None:
-                check_options(transition, blend_seconds, recache, applies)
-        except ValueError as e:
-            return str(e)
-        return True
+        return comfy.validation(_check, parse_story, text, transition, blend_seconds, recache, applies)
 
     @classmethod
     def execute(cls, clip, text, transition, blend_seconds, recache, applies="entering") -> io.NodeOutput:

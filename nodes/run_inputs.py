@@ -29,13 +29,13 @@ def cache_config(sink_blocks=1, span_frames=21, capacity_frames=24, context_nois
                  rope_mode="reference", schedule="rolling") -> RollingConfig:
     """The cache node's values as a RollingConfig (the sampler sets the steps; until then the shortest
     window, one step, is checked). Raises ValueError saying which values are allowed."""
-    for name, v in (("sink_blocks", sink_blocks), ("span_frames", span_frames), ("capacity_frames", capacity_frames)):
+    values = {"sink_blocks": sink_blocks, "span_frames": span_frames, "capacity_frames": capacity_frames}
+    for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{name} must be a whole number, got {v!r}")
     if isinstance(context_noise, bool) or not isinstance(context_noise, (int, float)) or math.isnan(context_noise):
         raise ValueError(f"context_noise must be a number (a timestep from 0 to 999), got {context_noise!r}")
-    for name, v in (("sink_blocks", sink_blocks), ("span_frames", span_frames), ("capacity_frames", capacity_frames),
-                    ("context_noise", context_noise)):
+    for name, v in {**values, "context_noise": context_noise}.items():
         lo, hi = CACHE_LIMITS[name]
         if not (lo <= v <= hi):
             raise ValueError(f"{name} must be between {lo} and {hi}, got {v}")

@@ -103,7 +103,7 @@ class RollingForcingSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, width=None, height=None, seconds=None, steps=None):
-        try:
+        def check():
             for name, v in (("width", width), ("height", height)):
                 if v is not None:
                     run_inputs.check_dimension(name, v)
@@ -111,9 +111,7 @@ class RollingForcingSampler(io.ComfyNode):
                 run_inputs.plan_length(seconds)
             if steps is not None:
                 run_inputs.sampler_config(None, steps)
-        except ValueError as e:
-            return str(e)
-        return True
+        return comfy.validation(check)
 
     @classmethod
     def execute(cls, model, positive, width: int, height: int, seconds: float, seed: int,
@@ -125,12 +123,9 @@ class RollingForcingSampler(io.ComfyNode):
         for line in run.summary.splitlines():
             log.info("[RollingForcing] %s", line)
         run.load()
-        writer = file = subfolder = None
-        if stream_to_disk:
-            writer, file, subfolder = run.open_writer(filename_prefix)
-        pbar = comfy.progress_bar(run.length.blocks, node_id=cls.hidden.unique_id if cls.hidden else None)
-        latent, frames = run.run(writer, lambda done, total, image: pbar.update_absolute(
-            done, total, ("JPEG", image, comfy.preview_size())))
+        writer, file, subfolder = run.open_writer(filename_prefix) if stream_to_disk else (None, None, None)
+        progress = comfy.block_progress(run.length.blocks, cls.hidden.unique_id if cls.hidden else None)
+        latent, frames = run.run(writer, progress)
         info = run.summary + f"\nfinished {run.length.blocks} block(s) -> {run.length.frames} frames"
         log.info("[RollingForcing] finished %d block(s) -> %d frames", run.length.blocks, run.length.frames)
         images = ExecutionBlocker(NO_VAE_MESSAGE) if frames is None else frames.reshape(-1, height, width, 3)

@@ -50,10 +50,8 @@ def check_wan21_vae(vae) -> str:
     model = getattr(vae, "first_stage_model", None)
     if model is None:
         problem = comfy.taehv_problem()
-        tae = ("" if problem is None else
-               f" A TAEHV file (lighttaew2_1) gives this here: {problem}")
-        raise ValueError("the VAE input holds no VAE model (an invalid or empty VAE file?)." + tae +
-                         f" {LOAD_HINT}")
+        tae = "" if problem is None else f" A TAEHV file (lighttaew2_1) gives this here: {problem}"
+        raise ValueError(f"the VAE input holds no VAE model (an invalid or empty VAE file?).{tae} {LOAD_HINT}")
     ch = getattr(vae, "latent_channels", "?")
     if comfy.is_taehv(model):
         if ch in OTHER_TAEHVS:
@@ -84,7 +82,47 @@ def stream_decoder(vae):
     return StreamingVAEDecoder(vae)
 
 
-class StreamingVAEDecoder:
+def _cpu(t):
+    """A decoder state entry (tensor, list of tensors, None or a marker) copied to the CPU."""
+    if isinstance(t, list):
+        return [_cpu(u) for u in t]
+    return t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
+
+
+def _to(t, device):
+    """A saved decoder state entry copied onto ``device``."""
+    if isinstance(t, list):
+        return [_to(u, device) for u in t]
+    return t.to(device=device, copy=True) if isinstance(t, torch.Tensor) else t
+
+
+class _StreamDecoder:
+    """What both streaming decoders share: the input checks, decoder output -> IMAGE-style frames, and
+    the context manager (``close()`` on exit)."""
+
+    def _check(self, latents: torch.Tensor | None, state) -> None:
+        if state is None:
+            raise RuntimeError(f"{type(self).__name__} was closed")
+        if latents is not None and (latents.ndim != 5 or latents.shape[1] != WAN21_LATENT_CHANNELS):
+            raise ValueError(f"expected Wan2.1 latents [B, 16, F, H, W], got {list(latents.shape)}")
+
+    def _image(self, out: torch.Tensor, clamp: bool = False) -> torch.Tensor:
+        """Decoder output [B, 3, T, H, W] -> frames [B, T, H, W, 3] on ``vae.output_device`` (counted)."""
+        out = out.to(device=self.vae.output_device, dtype=self.out_dtype, copy=True)
+        frames = self.vae.process_output(out).movedim(1, -1)
+        if clamp:
+            frames = frames.clamp_(0.0, 1.0)
+        self.frames += frames.shape[1]
+        return frames
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class StreamingVAEDecoder(_StreamDecoder):
     """Decode a Wan2.1 latent video chunk by chunk; identical to one ``VAE.decode`` of the whole video.
 
     ``decode(latents)`` takes the next latent frames in ComfyUI's raw VAE latent space
@@ -111,10 +149,7 @@ class StreamingVAEDecoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self._feat_map is None:
-            raise RuntimeError("StreamingVAEDecoder was closed")
-        if latents.ndim != 5 or latents.shape[1] != WAN21_LATENT_CHANNELS:
-            raise ValueError(f"expected Wan2.1 latents [B, 16, F, H, W], got {list(latents.shape)}")
+        self._check(latents, self._feat_map)
         vae = self.vae
         x = self.model.conv2(latents.to(device=vae.device, dtype=vae.vae_dtype))  # as VAE.decode converts
         if self._held is not None:
@@ -123,13 +158,11 @@ class StreamingVAEDecoder:
         self._last = latents[:, :, :0]
         outs, i = [], 0
         self._held = None
-        start = self.latent_frames - x.shape[2]  # latent frames decoded before this call
-        while True:
-            n = self.first if start + i == 0 else self.step
-            if i + n > x.shape[2]:
-                break
+        n = self.first if self.latent_frames == x.shape[2] else self.step  # the first chunk of the video
+        while i + n <= x.shape[2]:
             outs.append(self._run(x[:, :, i:i + n]))
             i += n
+            n = self.step
         if i < x.shape[2]:
             self._held = x[:, :, i:]
         return self._frames(outs, latents)
@@ -148,16 +181,11 @@ class StreamingVAEDecoder:
     def _frames(self, outs: list, like) -> torch.Tensor:
         """Decoder outputs -> IMAGE-style frames; no outputs -> an empty [B, 0, H, W, 3] (sizes of ``like``
         latents, or 0 when unknown)."""
-        vae = self.vae
         if not outs:
             b = 1 if like is None else like.shape[0]
             h, w = (0, 0) if like is None else (like.shape[3] * 8, like.shape[4] * 8)
-            return torch.empty((b, 0, h, w, 3), dtype=self.out_dtype, device=vae.output_device)
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        out = out.to(device=vae.output_device, dtype=self.out_dtype, copy=True)
-        frames = vae.process_output(out).movedim(1, -1)
-        self.frames += frames.shape[1]
-        return frames
+            return torch.empty((b, 0, h, w, 3), dtype=self.out_dtype, device=self.vae.output_device)
+        return self._image(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
 
     def frames_after(self, latent_frames: int, final: bool) -> int:
         """Video frames returned in total once ``latent_frames`` latent frames were received (and, with
@@ -173,13 +201,9 @@ class StreamingVAEDecoder:
         """The decoder's whole state on the CPU (the causal feature cache, whose entries are tensors, None
         or the marker string ``"Rep"``, and the held-back frames): loading it into a new decoder over
         the same VAE continues the video exactly. Loads with ``torch.load(weights_only=True)``."""
-        if self._feat_map is None:
-            raise RuntimeError("StreamingVAEDecoder was closed")
-
-        def cpu(t):
-            return t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
-        return {"kind": "wan_vae", "feat_map": [cpu(t) for t in self._feat_map], "held": cpu(self._held),
-                "last": cpu(self._last),
+        self._check(None, self._feat_map)
+        return {"kind": "wan_vae", "feat_map": [_cpu(t) for t in self._feat_map], "held": _cpu(self._held),
+                "last": _cpu(self._last),
                 "latent_frames": self.latent_frames, "frames": self.frames, "chunking": [self.first, self.step]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -190,27 +214,18 @@ class StreamingVAEDecoder:
             raise ValueError("the saved decoder state comes from another VAE or ComfyUI version (decode chunking "
                              f"{state['chunking']}, {len(state['feat_map'])} cache slots; now {[self.first, self.step]}, "
                              f"{len(self._feat_map)}); start the run over")
-        dev = dict(device=self.vae.device)
-
-        def load(t):
-            return t.to(**dev, copy=True) if isinstance(t, torch.Tensor) else t
-        self._feat_map = [load(t) for t in state["feat_map"]]
-        self._held = load(state["held"])
+        dev = self.vae.device
+        self._feat_map = [_to(t, dev) for t in state["feat_map"]]
+        self._held = _to(state["held"], dev)
         self.latent_frames, self.frames = int(state["latent_frames"]), int(state["frames"])
-        self._last = load(state["last"])
+        self._last = _to(state["last"], dev)
 
     def close(self) -> None:
         self._feat_map = None
         self._held = None
 
-    def __enter__(self) -> "StreamingVAEDecoder":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class StreamingTAEHVDecoder:
+class StreamingTAEHVDecoder(_StreamDecoder):
     """Decode Wan2.1 latents block by block with ComfyUI's TAEHV (``lighttaew2_1``); the frames are
     identical to one ``VAE.decode`` of the whole latent video with the same VAE.
 
@@ -249,10 +264,7 @@ class StreamingTAEHVDecoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self._mem is None:
-            raise RuntimeError("StreamingTAEHVDecoder was closed")
-        if latents.ndim != 5 or latents.shape[1] != WAN21_LATENT_CHANNELS:
-            raise ValueError(f"expected Wan2.1 latents [B, 16, F, H, W], got {list(latents.shape)}")
+        self._check(latents, self._mem)
         vae = self.vae
         # as VAE.decode converts, then TAEHV.decode scales ([B, C, T, H, W]; frame t is x[:, :, t])
         x = self.process_in(latents.to(device=vae.device, dtype=vae.vae_dtype))
@@ -303,18 +315,11 @@ class StreamingTAEHVDecoder:
 
     def _frames(self, outs: list) -> torch.Tensor:
         """Decoder output frames [B, 3, H, W] each -> IMAGE-style [B, T, H, W, 3] (empty when none)."""
-        vae = self.vae
         if not outs:
             b, h, w = self._shape if self._shape is not None else (1, 0, 0)
             return torch.empty((b, 0, h * self.scale, w * self.scale, 3), dtype=self.out_dtype,
-                               device=vae.output_device)
-        out = torch.stack(outs, 2)  # [B, 3, T, H, W] as TAEHV.decode returns
-        out = out.to(device=vae.output_device, dtype=self.out_dtype, copy=True)
-        frames = vae.process_output(out).movedim(1, -1)
-        if self.clamp:
-            frames = frames.clamp_(0.0, 1.0)
-        self.frames += frames.shape[1]
-        return frames
+                               device=self.vae.output_device)
+        return self._image(torch.stack(outs, 2), self.clamp)  # [B, 3, T, H, W] as TAEHV.decode returns
 
     def frames_after(self, latent_frames: int, final: bool) -> int:
         """Video frames returned in total once ``latent_frames`` latent frames were received: 4 per latent
@@ -325,14 +330,8 @@ class StreamingTAEHVDecoder:
         """The decoder's whole state on the CPU (each MemBlock's last input, TPool queues, the counters):
         loading it into a new decoder over the same TAEHV continues the video exactly. Loads with
         ``torch.load(weights_only=True)``."""
-        if self._mem is None:
-            raise RuntimeError("StreamingTAEHVDecoder was closed")
-
-        def cpu(t):
-            if isinstance(t, list):
-                return [cpu(u) for u in t]
-            return t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
-        return {"kind": "taehv", "mem": [cpu(t) for t in self._mem], "shape": list(self._shape or []),
+        self._check(None, self._mem)
+        return {"kind": "taehv", "mem": [_cpu(t) for t in self._mem], "shape": list(self._shape or []),
                 "layers": [kind for kind, _layer in self.layers], "latent_frames": self.latent_frames,
                 "raw_frames": self.raw_frames, "frames": self.frames}
 
@@ -344,22 +343,10 @@ class StreamingTAEHVDecoder:
         if list(state["layers"]) != layers:
             raise ValueError(f"the saved decoder state comes from another TAEHV or ComfyUI version (layers "
                              f"{state['layers']}, now {layers}); start the run over")
-        dev = dict(device=self.vae.device)
-
-        def load(t):
-            if isinstance(t, list):
-                return [load(u) for u in t]
-            return t.to(**dev, copy=True) if isinstance(t, torch.Tensor) else t
-        self._mem = [load(t) for t in state["mem"]]
+        self._mem = [_to(t, self.vae.device) for t in state["mem"]]
         self._shape = tuple(state["shape"]) or None
         self.latent_frames, self.raw_frames = int(state["latent_frames"]), int(state["raw_frames"])
         self.frames = int(state["frames"])
 
     def close(self) -> None:
         self._mem = None
-
-    def __enter__(self) -> "StreamingTAEHVDecoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

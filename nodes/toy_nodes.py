@@ -33,14 +33,8 @@ def check_caption(text: str) -> str:
     return " ".join(text.split())
 
 
-@functools.lru_cache(maxsize=1)
-def _text_encoder() -> TextEncoder:
-    return TextEncoder()
-
-
-@functools.lru_cache(maxsize=1)
-def _toy_vae():
-    return load_vae()
+_text_encoder = functools.lru_cache(maxsize=1)(TextEncoder)  # each built once, on first use
+_toy_vae = functools.lru_cache(maxsize=1)(load_vae)
 
 
 def encode_caption(text: str) -> torch.Tensor:
@@ -88,13 +82,7 @@ class RollingForcingToyTextEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, caption=None):
-        if caption is None:  # a linked input: checked when it runs
-            return True
-        try:
-            check_caption(caption)
-        except ValueError as e:
-            return str(e)
-        return True
+        return True if caption is None else comfy.validation(check_caption, caption)  # None: linked, checked later
 
     @classmethod
     def execute(cls, caption: str) -> io.NodeOutput:
