@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .chunks import _atomic_write
+from .chunks import atomic_write
 from .config import RollingConfig, WanConfig
 from .model import build_model
 from .outputs import RunOutputs, collect
@@ -132,7 +132,7 @@ def check_args(a) -> tuple[int, int]:
 
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    _atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()))
+    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()))
 
 
 class MetaNoise:

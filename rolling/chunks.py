@@ -86,7 +86,7 @@ class ChunkedRun:
 
     def _write_progress(self, **changes) -> dict:
         p = {**self.progress(), **changes}
-        _atomic_write(os.path.join(self.dir, PROGRESS), lambda f: f.write(json.dumps(p, indent=1).encode()))
+        atomic_write(os.path.join(self.dir, PROGRESS), lambda f: f.write(json.dumps(p, indent=1).encode()))
         return p
 
     def next_chunk(self) -> ChunkPlan | None:
@@ -132,7 +132,7 @@ class ChunkedRun:
 
     def save_state(self, index: int, state: dict) -> None:
         """Save the state at the start of chunk ``index``; keep it and the one before, drop older ones."""
-        _atomic_write(os.path.join(self.dir, STATE_NAME.format(index)),
+        atomic_write(os.path.join(self.dir, STATE_NAME.format(index)),
                       lambda f: torch.save({**state, "fingerprint": self.fingerprint}, f))
         self._write_progress(made=max(index, self.progress()["made"]))
         self._drop_states(below=index - 1)
@@ -150,7 +150,7 @@ class ChunkedRun:
                               "or start this run over")
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """``write(file)`` into a temporary file, synced, then renamed over ``path`` (never half a file)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:

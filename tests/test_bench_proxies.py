@@ -153,7 +153,10 @@ def test_overlap_fraction_is_high_with_the_worker_and_about_zero_without():
                                      frame_hw=(8 * HW[0], 8 * HW[1]))
     assert 0.0 <= r["decode_overlap_fraction_serial"] <= r["decode_overlap_fraction"] <= 1.0
     assert r["decode_overlap_fraction"] > 0.5, r  # ideal: 5 of 6 decodes hidden behind sampling
-    assert r["decode_overlap_fraction_serial"] < 0.25, r
+    # ideal serial: 0; on a loaded CPU the wall-clock noise alone has reached 0.25, so the test asks for the
+    # gap between the two (a worker that stopped overlapping makes it ~0), not a tight serial bound
+    assert r["decode_overlap_fraction_serial"] < 0.5, r
+    assert r["decode_overlap_fraction"] - r["decode_overlap_fraction_serial"] > 0.3, r
     assert r["overlap_outputs_equal"] is True and 0 <= r["decode_overlap_noise"] < 0.5
     assert r["overlap_frames"] == pixel_frames(blocks * fb) == decoded.frames.shape[1]
 

@@ -55,8 +55,8 @@ def _worker(out: str) -> None:
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(rec, f)
-    import torch.distributed as dist
-    dist.destroy_process_group()
+    from rolling.train.distributed import shutdown
+    shutdown()
 
 
 def test_two_ranks_agree_on_rollout_decisions(tmp_path):

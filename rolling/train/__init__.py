@@ -80,6 +80,6 @@ def main(config_path: str | None = None, *, dry_run: bool = False, gpus: int | N
     trainer.train()
     trainer.save_final()  # final weights, unless just saved (also with save_every = 0)
     if trainer.info.distributed:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        from .distributed import shutdown
+        shutdown()
     return 0

@@ -101,6 +101,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group: wait for every rank, then destroy it (no-op without one). Without the
+    barrier a rank that finishes first tears gloo's connections down under the other's last
+    collective, which on CPU aborts the process at exit ("terminate called without an active
+    exception") after all its work was done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_mesh(info: DistInfo, sharding: str = "full"):
     from torch.distributed.device_mesh import init_device_mesh
     if sharding == "hybrid" and info.local_world_size < info.world_size:
