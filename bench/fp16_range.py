@@ -10,7 +10,6 @@ the core keeps those in float32 as ComfyUI's Wan does (see README, Compatibility
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -18,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from rolling.bench import write_json  # noqa: E402
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 CAPTION = "a red circle drifting left on a dark background"
@@ -95,8 +96,7 @@ def main(argv=None) -> int:
     for k, v in top:
         print(f"  {v:9.2f}  {k}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.json, res)  # atomic, as the bench's JSONs
     return 0
 
 

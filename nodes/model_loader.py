@@ -11,8 +11,8 @@ and Toy Decode). What ComfyUI's Wan detection cannot read off the shapes (it ass
 freq_dim 256, text_dim 4096, text_len 512) comes from the file's ``wan_config`` metadata
 (``model_options.architecture``) and is handed to ComfyUI's detection for this one load
 (``comfy_adapter.wan_detection_overrides``), so the toy DiT is ComfyUI's own ``WanModel`` like any other.
-Its ``text_len`` (the toy's 16 prompt tokens) is recorded on the MODEL with the attention choice
-(``model_options.with_attention``); the sampler pads or cuts prompts to it.
+ComfyUI's WanModel keeps its ``text_len`` (the toy's 16 prompt tokens); the sampler pads or cuts prompts to
+it (``WanArch.text_len``).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def load_patcher(path: str, weights: str, dtype_options: dict, attention: str, d
     if overrides and meta.get("causal") != "true":
         log.warning("[RollingForcing] %s is not a causal few-step model (no 'causal' metadata, e.g. the bidirectional "
                     "toy teacher): Rolling Forcing's few-step causal sampling of it gives rough video", name)
-    options.with_attention(patcher.model_options, attention, cfg.text_len)  # the sampler cuts prompts to text_len
+    options.with_attention(patcher.model_options, attention)
     return patcher
 
 

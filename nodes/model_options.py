@@ -128,35 +128,20 @@ def weight_dtype_options(name: str) -> dict:
     return {} if WEIGHT_DTYPES[name] is None else {"dtype": WEIGHT_DTYPES[name]}
 
 
-def _recorded(model_options: dict | None) -> dict:
-    """What the model loader recorded on a MODEL ({} for models from other loaders)."""
+def attention_from_options(model_options: dict | None) -> str:
+    """The attention backend stored by the model loader; ``auto`` for models from other loaders."""
     opts = model_options
     for key in ("transformer_options", OPTIONS_KEY):
         opts = opts.get(key) if isinstance(opts, dict) else None
-    return opts if isinstance(opts, dict) else {}
-
-
-def attention_from_options(model_options: dict | None) -> str:
-    """The attention backend stored by the model loader; ``auto`` for models from other loaders."""
-    name = _recorded(model_options).get("attention", "auto")
+    name = opts.get("attention", "auto") if isinstance(opts, dict) else "auto"
     return name if name in ATTENTION_BACKENDS else "auto"
 
 
-def text_len_from_options(model_options: dict | None) -> int:
-    """How many prompt tokens the DiT was trained to read (its ``text_len``, the toy model's 16), as the
-    model loader recorded it; umT5's 512 (every release model) for models from other loaders. The sampler
-    pads or cuts prompts to it: zero padding past it would draw most of the cross-attention of a model
-    trained on fewer tokens (the toy student's colour accuracy: 0.54 padded to 512, 1.00 at 16)."""
-    n = _recorded(model_options).get("text_len")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else WAN_TEXT_LEN
-
-
-def with_attention(model_options: dict, attention: str, text_len: int = WAN_TEXT_LEN) -> dict:
-    """Return ``model_options`` with the attention choice and the DiT's ``text_len`` recorded (mutates
-    and returns the dict)."""
+def with_attention(model_options: dict, attention: str) -> dict:
+    """Return ``model_options`` with the attention choice recorded (mutates and returns the dict)."""
     check_choice("attention backend", attention, ATTENTION_BACKENDS)
     to = model_options.setdefault("transformer_options", {})
-    to.setdefault(OPTIONS_KEY, {}).update(attention=attention, text_len=int(text_len))
+    to.setdefault(OPTIONS_KEY, {})["attention"] = attention
     return model_options
 
 

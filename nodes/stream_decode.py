@@ -86,7 +86,7 @@ def _cpu(t):
     """A decoder state entry (tensor, list of tensors, None or a marker) copied to the CPU."""
     if isinstance(t, list):
         return [_cpu(u) for u in t]
-    return t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
+    return t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t  # one copy, also from CUDA
 
 
 def _to(t, device):

@@ -147,7 +147,7 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
             raise ValueError("--prompt / --story need the toy model; --random-model has no text encoder")
         return _random_demo(out, seconds, latent_hw=latent_hw or (16, 28), seed=seed, update_mode=update_mode,
                             device=device, quiet=quiet, flush=flush)
-    from .quality import load_causal
+    from .quality import load_causal, rolling_config
     from .toy import TextEncoder, load_vae
     from .toy.world import from_video
 
@@ -158,7 +158,7 @@ def run_demo(out: str = "rolling_demo.mp4", seconds: float = 10.0, *, prompt: st
     cm = load_causal(student)
     vae = load_vae()
     torch.manual_seed(seed)
-    cfg = (cm.base or RollingConfig(steps=cm.steps)).with_(update_mode=update_mode)
+    cfg = rolling_config(cm, update_mode=update_mode)
     decoder = vae.streaming_decoder()
     if not quiet:
         print(f"demo: toy world, {cm.name} ({len(cm.steps)} steps){' - ' + cm.note if cm.note else ''}", flush=True)

@@ -46,6 +46,7 @@ class WanArch:
     in_dim: int
     out_dim: int
     patch_size: tuple[int, int, int]
+    text_len: int = 512  # prompt tokens the DiT was trained to read (umT5's 512; the toy model's 16)
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +66,7 @@ class WanArch:
             raise ValueError(f"not a Wan2.1 DiT module tree ({e}); expected patch_embedding, text_embedding, "
                              "time_embedding, blocks, head") from None
         heads = getattr(model, "num_heads", None) or getattr(model.blocks[0].self_attn, "num_heads", None) or dim // 128
-        return cls(dim, int(heads), layers, freq_dim, text_dim, in_dim, out, patch)
+        return cls(dim, int(heads), layers, freq_dim, text_dim, in_dim, out, patch, int(getattr(model, "text_len", 512)))
 
 
 ParamCast = Callable[[torch.Tensor, torch.dtype, torch.device], torch.Tensor]

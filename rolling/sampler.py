@@ -402,7 +402,7 @@ class RollingSampler:
         for b in sorted(clean, key=lambda b: (b not in book["sink"], b)):
             fwd = Forward(-1, "rebuild", clean=(b,))
             self._commit(st, fwd, self._run(st, fwd, clean))
-        self.cache.book = CacheBook(self.cache.book.ring, self.cache.book.sink, tuple(book["targets"]))
+        self.cache.book = replace(self.cache.book, targets=tuple(book["targets"]))  # keeps the rebuilt blocks' tags
         return st
 
 

@@ -110,24 +110,23 @@ def run_eval(args) -> None:
 
 def _ode_init_student(args, teacher, ev, scfg):
     """ODE init, or reuse of a cached ODE-init file written by an earlier run with the same seed and config."""
-    import json as _json
     from rolling.toy import distill
     import hashlib
     with open(args.teacher_out, "rb") as f:  # a retrained teacher (e.g. `all`) must not reuse an old ODE init
         teacher_sha = hashlib.sha256(f.read()).hexdigest()[:16]
-    key = _json.dumps({"seed": args.seed, "ode": distill.asdict(scfg.ode), "teacher_sha256": teacher_sha,
+    key = json.dumps({"seed": args.seed, "ode": distill.asdict(scfg.ode), "teacher_sha256": teacher_sha,
                        "threads": args.threads}, sort_keys=True)
     if os.path.isfile(args.ode_init):
         meta = store.student_metadata(args.ode_init)
         if meta.get("ode_key") == key:
             print(f"reusing the ODE-init student {args.ode_init} (same seed and ODE config)")
-            rec = _json.loads(meta["ode_record"])
+            rec = json.loads(meta["ode_record"])
             return store.load_student(args.ode_init), {**rec, "reused_from": args.ode_init}
     student = distill.causal_student_from(teacher)
     rec = distill.ode_init(student, teacher, scfg.ode, seed=args.seed, ev=ev, eval_every=scfg.eval_every_ode)
     store.save_student(student, training.TEACHER_CONFIG, args.ode_init, denoising_steps=distill.STUDENT_STEPS,
                        extra={"stage": "ode_init", "seed": args.seed, "ode_key": key,
-                              "ode_record": _json.dumps(_clean(rec))})
+                              "ode_record": json.dumps(_clean(rec))})
     return student, rec
 
 

@@ -87,9 +87,8 @@ def test_switch_run_measures_a_known_switch():
     # blocks finished before the switch block entered the window never saw the new prompt: still dark
     assert not any(shows[:s - T + 1]), shows
     assert r["latency_blocks"] is not None and -T < r["latency_blocks"] <= 3, r["latency_blocks"]
-    if r["latency_blocks"] is not None:
-        b = r["switch_block"] + r["latency_blocks"]
-        assert all(shows[b:b + 3]) and not all(shows[b - 1:b + 2])  # the first such block
+    b = r["switch_block"] + r["latency_blocks"]
+    assert all(shows[b:b + 3]) and not all(shows[b - 1:b + 2])  # the first such block
     assert r["after"]["background"] >= 0.8  # a background switch is what even a weak model gets
     assert r["before_acc"]["background"] >= 0.8
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rolling.config import RollingConfig, WanConfig
+from rolling.config import WanConfig
 from rolling.flow import Steps
 from rolling.model import build_model
 from rolling.toy import distill as D

@@ -336,7 +336,7 @@ class DMDConfig:
     teacher's samples fell for ~125 iterations, then rose past its start by iteration 300 (the known
     "DMD gap falls, then rises" symptom): with beta1 = 0 every generator step has the size of the
     learning rate whatever the signal-to-noise of the batch-4 DMD gradient, so once the signal is small
-    the generator random-walks away. Defaults: generator lr 1e-5 with beta1 0.9 (the noisy DMD
+    the generator random-walks away. Defaults: generator lr 8e-6 with beta1 0.9 (the noisy DMD
     gradient is averaged over ~10 generator steps), a critic 20x faster than the generator (lr 2e-4,
     5 critic updates per generator update), the first 25 iterations critic-only (the critic first
     fits the ODE-init student instead of chasing it) and a 50-iteration linear lr warm-up."""
