@@ -62,8 +62,7 @@ def run_cell(weight_dtype: str, gpu: str | None, mode: str, cond, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(args, "fp32_vae", True)
-        if gpu is not None:
-            env.force_gpu_dtype_path(m, gpu)
+        env.force_gpu_dtype_path(m, gpu or "fp32")  # None: the float32 path, also under RF_TEST_GPU_DTYPES
         if mode == "lowvram":
             env.force_lowvram(m, fraction=0.4)
         model = env.node_class("RollingForcingModelLoader").execute(MODEL_FILES["dit"]["name"], "ema",
@@ -116,6 +115,22 @@ def test_dtype_matrix(cu, cond, reference, monkeypatch, cell, mode):
           f"latent err {err_latent:.4f} (of std), image err {err_images:.4f}")
     assert err_latent < tol[0] and err_images < tol[1]
     assert err_latent > 0  # it really ran in the lower precision
+
+
+def test_the_suite_wide_gpu_dtype_path_is_in_force(cu):
+    """With RF_TEST_GPU_DTYPES=<flavour> every ComfyUI test runs on that GPU's dtype path: a model loaded
+    with default weights computes in half precision (skipped when the variable is unset)."""
+    import os
+
+    from tests.comfyui.inject_pack import FORCE_ENV, GPU_FLAVOURS
+
+    flavour = os.environ.get(FORCE_ENV)
+    if not flavour:
+        pytest.skip(f"{FORCE_ENV} not set: the suite runs on ComfyUI's CPU float32 path")
+    model = env.node_class("RollingForcingModelLoader").execute(MODEL_FILES["dit"]["name"], "ema", "default",
+                                                              "sdpa")[0]
+    want = torch.float16 if GPU_FLAVOURS[flavour][1] else torch.bfloat16
+    assert model.model.get_dtype() == want
 
 
 def test_forced_gpu_path_is_what_comfyui_picks(cu, monkeypatch):

@@ -114,22 +114,30 @@ def test_killed_server_resumes_and_the_video_is_whole_and_the_same(tmp_path, obj
     assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["progress.json"]
 
 
-def test_peak_rss_of_10_chunks_is_within_5_percent_of_1_chunk(tmp_path, object_info):
+def test_peak_rss_is_flat_over_10_chunks(tmp_path, object_info):
     """The same chunk size (1.5 s, 2 blocks), upscaled to 512x512 (24 frames = 75 MB of IMAGE per chunk,
-    more than the allocator keeps around from start-up, so a chunk's frames held on would show):
-    one server makes a 1-chunk video, another a 10-chunk one; their peak RSS (VmHWM) differ by < 5 %.
-    Both servers first make a 1-chunk warm-up video (models loaded, allocator warm), then the peak is
-    reset, so what is compared is the peak of the runs themselves, not of the start-up."""
-    peaks = {}
-    for chunks in (1, 10):
-        api = graph(object_info, {1: 1.25, 10: 14.75}[chunks], 1.5, f"video/rss{chunks}", extra_scale=8)  # 2, 20 blocks
-        with ComfyServer(tmp_path / f"rss{chunks}") as s:
-            run_all(s, graph(object_info, 1.25, 1.5, "video/warmup", extra_scale=8), 1)
-            s.reset_peak_rss()
-            infos = run_all(s, api, chunks)
-            assert "is complete" in infos[-1]
-            peaks[chunks] = s.peak_rss()
-            assert frames_of(s.output / "video" / f"rss{chunks}.mp4").shape[1:] == (512, 512, 3)
-    ratio = peaks[10] / peaks[1]
-    print(f"\npeak RSS: 1 chunk {peaks[1] / 2**20:.0f} MiB, 10 chunks {peaks[10] / 2**20:.0f} MiB, ratio {ratio:.3f}")
-    assert ratio < 1.05, peaks
+    more than the allocator keeps around from start-up, so a chunk's frames held on would show): in one
+    server, the peak RSS (VmHWM) of a whole 10-chunk video is within 5 % of its peak after chunk 2.
+
+    Why after chunk 2: the server first makes a 2-chunk warm-up video that crosses the prompt change
+    (models loaded, allocator warm), then the peak is reset; still, on ComfyUI 0.33 (float32 and the
+    forced fp16 path, RF_TEST_GPU_DTYPES, alike) a video's second chunk (the first resumed from a saved
+    state) raises the peak once (+144 MB), after which the RSS is the same after every chunk. A per-chunk leak is what this guards:
+    a chunk's frames kept per chunk add ~75 MB each, 8 x 75 MB after chunk 2 (ratio ~1.35). One server,
+    not two compared: two processes' peaks differ by a few % on their own."""
+    api = graph(object_info, 14.75, 1.5, "video/rss10", extra_scale=8)  # 20 blocks = 10 chunks
+    with ComfyServer(tmp_path / "rss") as s:
+        run_all(s, graph(object_info, 3.0, 1.5, "video/warmup", extra_scale=8), 2)  # switch at 2.25 s
+        s.reset_peak_rss()
+        run_once(s, api)
+        first = s.peak_rss()
+        run_once(s, api)
+        second = s.peak_rss()
+        infos = run_all(s, api, 8)  # chunks 3..10 and the run that says it is complete
+        assert "is complete" in infos[-1]
+        whole = s.peak_rss()
+        assert frames_of(s.output / "video" / "rss10.mp4").shape[1:] == (512, 512, 3)
+    ratio = whole / second
+    print(f"\npeak RSS: after chunk 1 {first / 2**20:.0f} MiB, chunk 2 {second / 2**20:.0f} MiB, all 10 chunks "
+          f"{whole / 2**20:.0f} MiB, ratio to chunk 2 {ratio:.3f}")
+    assert ratio < 1.05, (first, second, whole)

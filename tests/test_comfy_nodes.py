@@ -102,14 +102,15 @@ def test_loader_builds_comfyuis_own_wan_model(cu, model):
     ref = C.tiny_state_dict(0)
     got = model.model.diffusion_model.state_dict()
     assert set(ref) <= set(got)
-    assert all(torch.equal(got[k].float(), ref[k]) for k in ref)
+    assert all(torch.equal(got[k], ref[k].to(got[k].dtype)) for k in ref)  # stored in the dtype ComfyUI chose
 
 
 def test_loader_regular_weights_and_fp8(cu):
     loader = env.node_class("RollingForcingModelLoader")
     reg = loader.execute(W.MODEL_FILES["dit"]["name"], "regular", "default", "auto")[0]
     k = "blocks.0.self_attn.q.weight"
-    assert torch.equal(reg.model.diffusion_model.state_dict()[k], C.tiny_state_dict(0)[k] * 0.5)
+    got = reg.model.diffusion_model.state_dict()[k]
+    assert torch.equal(got, (C.tiny_state_dict(0)[k] * 0.5).to(got.dtype))
     assert reg.model_options["transformer_options"]["rolling_forcing"]["attention"] == "auto"
     fp8 = loader.execute(W.MODEL_FILES["dit"]["name"], "ema", "fp8_e4m3fn", "auto")[0]
     assert fp8.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
@@ -165,8 +166,12 @@ def test_native_lora_loader_applies(cu, cond):
     lora = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "tiny_lora.safetensors", 1.0)[0]
     manual = load(W.MODEL_FILES["dit"]["name"], "ema", "default", "sdpa")[0]
     w = manual.model.diffusion_model.blocks[0].self_attn.q.weight
+    # the patch as ComfyUI computes it: in its LoRA compute dtype (2026: fp16 where the device does fp16,
+    # e.g. on the forced GPU path; else and before: float32), then stored in the weight's dtype
+    import comfy.model_management as mm
+    cd = mm.lora_compute_dtype(w.device) if hasattr(mm, "lora_compute_dtype") else torch.float32
     with torch.no_grad():
-        w += up @ down
+        w.copy_((w.to(cd) + (up @ down).to(cd)).to(w.dtype))
     with_lora = run_sampler(lora, cond, seconds=0.5)[0]["samples"]
     expected = run_sampler(manual, cond, seconds=0.5)[0]["samples"]
     plain = run_sampler(base, cond, seconds=0.5)[0]["samples"]
@@ -186,10 +191,11 @@ def test_latent_convention_and_streamed_decode(cu, model, vae, cond, progress):
     # ComfyUI's Wan21 LATENT: raw VAE space [1, 16, T, H/8, W/8], float32, on the intermediate device
     assert x.shape == (1, 16, 6, 4, 4) and x.dtype == torch.float32 and x.device == mm.intermediate_device()
     core = pack.rolling.sampler.RollingSampler(model.model.diffusion_model, pack.rolling.config.RollingConfig(),
-                                               height=4, width=4, device="cpu", dtype=torch.float32, seed=3)
+                                               height=4, width=4, device="cpu", dtype=env.compute_dtype(model),
+                                               seed=3)
     with torch.inference_mode():
         normalised = core.generate(cond[0][0], 2)
-    assert torch.equal(x, comfy.latent_formats.Wan21().process_out(normalised))
+    assert torch.equal(x, comfy.latent_formats.Wan21().process_out(normalised.float()))
     # IMAGE [N, H, W, 3] in 0..1; streamed block-by-block decode == VAE.decode of the whole LATENT
     assert images.shape == (21, 32, 32, 3) and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1
@@ -464,11 +470,12 @@ def test_extend_from_a_latent(cu, model, cond):
     latent, _, info = run_sampler(model, cond, seconds=1.0, extend_from=first)
     assert latent["samples"].shape[2] == 6
     core = pack.rolling.sampler.RollingSampler(model.model.diffusion_model, pack.rolling.config.RollingConfig(),
-                                               height=4, width=4, device="cpu", dtype=torch.float32, seed=3)
+                                               height=4, width=4, device="cpu", dtype=env.compute_dtype(model),
+                                               seed=3)
     fmt = comfy.latent_formats.Wan21()
     with torch.inference_mode():
         ref = core.generate(cond[0][0], 4, prefix=fmt.process_in(first["samples"]))
-    assert torch.allclose(latent["samples"], fmt.process_out(ref), atol=1e-5)
+    assert torch.allclose(latent["samples"], fmt.process_out(ref.float()), atol=1e-5)
     with pytest.raises(ValueError, match="same width/height"):
         run_sampler(model, cond, seconds=1.0, width=64, extend_from=first)
 

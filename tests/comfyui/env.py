@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import inject_pack
 from .checkpoints import model_folders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,23 +229,21 @@ def run_prompt(prompt: dict, outputs: list[str] | None = None):
 
 # ----------------------------------------------------------------------------- GPU paths, forced on a CPU
 
-GPU_FLAVOURS = {  # (bf16 supported, fp16 supported), as ComfyUI's should_use_bf16 / should_use_fp16 answer
-    "ampere": (True, True),  # RTX 30xx and newer, A100, H100: ComfyUI picks fp16 first for Wan, bf16 on request
-    "turing": (False, True),  # RTX 20xx, T4: no bf16
-    "bf16_only": (True, False),  # where fp16 is ruled out: everything that is not fp32 runs in bf16
-}
+GPU_FLAVOURS = inject_pack.GPU_FLAVOURS
 
 
 def force_gpu_dtype_path(monkeypatch, flavour: str) -> None:
-    """Make ComfyUI choose dtypes as on a CUDA GPU of that flavour (see GPU_FLAVOURS). Affects the
-    models and VAEs loaded afterwards."""
-    import comfy.model_management as mm
+    """Make ComfyUI choose dtypes as on a CUDA GPU of that flavour (see GPU_FLAVOURS), undone after
+    the test. Affects the models and VAEs loaded afterwards. (The whole suite: RF_TEST_GPU_DTYPES.)"""
+    inject_pack.force_gpu_dtypes(flavour, monkeypatch.setattr)
 
-    if flavour not in GPU_FLAVOURS:
-        raise ValueError(f"flavour must be one of {', '.join(GPU_FLAVOURS)}, got {flavour!r}")
-    bf16, fp16 = GPU_FLAVOURS[flavour]
-    monkeypatch.setattr(mm, "should_use_bf16", lambda *a, **k: bf16)
-    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: fp16)
+
+def compute_dtype(model):
+    """The dtype the pack's sampler computes a MODEL in (as SamplerRun picks it): float32 on ComfyUI's CPU
+    path, fp16/bf16 on a (forced) GPU path. Tests that compare the node with the core run the core in it."""
+    pack = _loaded()["pack"]
+    c = pack.nodes.comfy_adapter
+    return pack.nodes.model_options.compute_dtype(*c.model_dtypes(model), c.bf16_supported(model.load_device))
 
 
 def force_lowvram(monkeypatch, fraction: float) -> None:

@@ -11,8 +11,36 @@ are also imported directly (``tests.comfyui.inject_pack``) by tests and ``bench/
 ComfyUI is imported only when a node runs, so the module imports anywhere.
 """
 import math
+import os
+import sys
 
 import torch
+
+GPU_FLAVOURS = {  # (bf16 supported, fp16 supported), as ComfyUI's should_use_bf16 / should_use_fp16 answer
+    "ampere": (True, True),  # RTX 30xx and newer, A100, H100: ComfyUI picks fp16 first for Wan, bf16 on request
+    "turing": (False, True),  # RTX 20xx, T4: no bf16
+    "bf16_only": (True, False),  # where fp16 is ruled out: everything that is not fp32 runs in bf16
+    "fp32": (False, False),  # ComfyUI's CPU answer: float32 everywhere (the fidelity references)
+}
+FORCE_ENV = "RF_TEST_GPU_DTYPES"
+"""Set to a GPU_FLAVOURS name, this module makes the whole ComfyUI process (the in-process tests and the
+test server, which both load it) choose dtypes as on that CUDA GPU, from the first model loaded on."""
+
+
+def force_gpu_dtypes(flavour: str, setattr=setattr) -> None:
+    """Make ComfyUI choose model/VAE dtypes as on a CUDA GPU of that flavour (see GPU_FLAVOURS): its
+    ``should_use_bf16`` / ``should_use_fp16`` answer as there. ``setattr``: e.g. a monkeypatch's."""
+    import comfy.model_management as mm
+
+    if flavour not in GPU_FLAVOURS:
+        raise ValueError(f"GPU dtype flavour must be one of {', '.join(GPU_FLAVOURS)}, got {flavour!r}")
+    bf16, fp16 = GPU_FLAVOURS[flavour]
+    setattr(mm, "should_use_bf16", lambda *a, **k: bf16)
+    setattr(mm, "should_use_fp16", lambda *a, **k: fp16)
+
+
+if os.environ.get(FORCE_ENV) and "comfy.model_management" in sys.modules:  # as ComfyUI loads it
+    force_gpu_dtypes(os.environ[FORCE_ENV])
 
 TEXT_TOKENS = 512  # umT5 sequence length (padding zeroed past the prompt's tokens)
 TEXT_DIM = 4096  # umT5-XXL width
